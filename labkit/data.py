@@ -1,0 +1,46 @@
+"""The workbook's small data sets (see data/*/DATASHEET.md), loaded with their rows checked."""
+import json
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file and the line."""
+
+
+def load_jsonl(path, required=("prompt", "response")):
+    """Rows of a JSON-lines file; every row must be an object with the `required` string fields."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}, line {i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise DataError(f"{path}, line {i}: field '{key}' is missing or empty")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the split is empty")
+    return rows
+
+
+def load_task(name="people", splits=("train", "val", "test")):
+    """{split: rows} for a task folder under data/."""
+    return {s: load_jsonl(DATA_DIR / name / f"{s}.jsonl") for s in splits}
+
+
+def exact_match(predictions, references):
+    """Fraction of predictions equal to their reference after stripping white space."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)

@@ -1,0 +1,240 @@
+"""LoRA from scratch: the layer (chapter 2) and its injection into a model (chapter 3).
+
+    h = W0 x + (alpha / r) * B A x          W0: (out, in) frozen,  A: (r, in),  B: (out, r)
+
+Only A and B train. With B = 0 at the start, h = W0 x: the model begins exactly where the
+pretrained one was. peft's `lora/layer.py` does the same in one line among 2,600 (see chapter 2).
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INITS = ("kaiming", "gaussian", "zeros", "random")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: h = W0 x + scaling * B A x."""
+
+    def __init__(self, base, r, alpha, dropout=0.0, init="kaiming", use_rslora=False, dtype=None):
+        super().__init__()
+        _check_lora_args(base, r, alpha, dropout, init)
+        self.base = base.requires_grad_(False)                    # W0 (and bias): frozen
+        self.r, self.alpha, self.init = r, alpha, init
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r   # rsLoRA or LoRA
+        dtype = dtype or (base.weight.dtype if base.weight.is_floating_point() else torch.float32)
+        kw = dict(device=base.weight.device, dtype=dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))     # A: (r, in)
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **kw))    # B: (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters(init)
+
+    def reset_lora_parameters(self, init="kaiming"):
+        A, B = self.lora_A.data, self.lora_B.data
+        if init in ("kaiming", "random"):
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))    # peft's default for A
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r)             # the paper's Gaussian A (peft's "gaussian")
+        else:
+            nn.init.zeros_(A)                              # "zeros": an ablation, nothing can learn
+        if init == "random":
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))    # an ablation: the model no longer starts at W0
+        else:
+            nn.init.zeros_(B)                              # B = 0, so B A = 0 at the start
+
+    def forward(self, x):                                  # x: (..., in)
+        h = self.base(x)                                   # W0 x + bias       (..., out)
+        if self.merged:                                    # W0 already holds W0 + scaling * B A
+            return h
+        x = self.dropout(x).to(self.lora_A.dtype)
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)   # B A x   (..., out)
+        return h + (update * self.scaling).to(h.dtype)
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling   # scaling * B A   (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("merge(): this layer is already merged; call unmerge() first")
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("unmerge(): this layer is not merged")
+        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, init={self.init!r}, merged={self.merged}"
+
+
+def _check_lora_args(base, r, alpha, dropout, init):
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"rank r must be an integer >= 1, got {r!r}")
+    if r > min(base.in_features, base.out_features):
+        raise ValueError(f"rank r={r} is larger than min(in_features, out_features) = "
+                         f"min({base.in_features}, {base.out_features}): B A could not be low-rank")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection: find the target nn.Linear layers by name and wrap each one in a LoRALinear.
+
+def find_targets(model, target_modules):
+    """Names of the modules that `target_modules` selects, matched the way peft matches them.
+
+    A list of names matches a module whose full name is a name or ends in "." + name
+    ("q_proj" matches "model.layers.0.self_attn.q_proj"); a string is a regular expression that
+    must match the whole name; "all-linear" takes every nn.Linear except the output head."""
+    names = [n for n, _ in model.named_modules() if n]
+    if target_modules == "all-linear":
+        out_head = _output_head_name(model)
+        return [n for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n != out_head and not _inside_lora(n)]
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    if not target_modules:
+        raise ValueError("target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj']")
+    keys = list(target_modules)
+    return [n for n in names if any(n == k or n.endswith("." + k) for k in keys)]
+
+
+def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", use_rslora=False):
+    """Freeze `model`, then replace each target nn.Linear by a LoRALinear. Returns the model."""
+    targets = find_targets(model, target_modules)
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules={target_modules!r} matches no module of this "
+                         f"{type(model).__name__}; its nn.Linear layers are named {linear}")
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear) or _inside_lora(name):
+            raise ValueError(f"{name} already has a LoRA adapter: inject_lora was called twice on it")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear: "
+                            "LoRALinear can only wrap linear layers")
+    model.requires_grad_(False)
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        lora = LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora)
+        setattr(model.get_submodule(parent) if parent else model, child, lora)
+    model.lora_config = dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout,
+                             init=init, use_rslora=use_rslora)
+    return model
+
+
+def _inside_lora(name):
+    return name.endswith(".base") or ".base." in name
+
+
+def _output_head_name(model):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def lora_layers(model):
+    """(name, LoRALinear) for every adapted layer of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for _, m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for _, m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting what trains, and saving the adapter alone.
+
+def count_parameters(model):
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_report(model, show=True):
+    """Per module type (q_proj, v_proj, ...): layers adapted, trainable LoRA parameters, and the
+    frozen parameters they sit on; then the model's trainable / total. Returns the rows."""
+    rows = {}
+    for name, m in lora_layers(model):
+        kind = name.rsplit(".", 1)[-1]
+        row = rows.setdefault(kind, dict(module=kind, layers=0, lora_params=0, base_params=0))
+        row["layers"] += 1
+        row["lora_params"] += m.lora_A.numel() + m.lora_B.numel()
+        row["base_params"] += sum(p.numel() for p in m.base.parameters())
+    trainable, total = count_parameters(model)
+    rows = list(rows.values())
+    if show:
+        print(f"{'module':<12}{'layers':>7}{'LoRA params':>14}{'frozen params':>15}")
+        for row in rows:
+            print(f"{row['module']:<12}{row['layers']:>7}{row['lora_params']:>14,}{row['base_params']:>15,}")
+        print(f"trainable: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return rows
+
+
+def lora_state_dict(model):
+    """Only the adapter: {'<layer>.lora_A': (r, in), '<layer>.lora_B': (out, r)}."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def save_adapter(model, path):
+    """Write the LoRA weights alone as safetensors, with the injection settings as metadata."""
+    import json
+    from safetensors.torch import save_file
+    config = getattr(model, "lora_config", None)
+    if config is None or not lora_layers(model):
+        raise ValueError("this model has no LoRA layers: call inject_lora first")
+    tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(path), metadata={"lora_config": json.dumps(config)})
+    return path
+
+
+def load_adapter(model, path):
+    """Load an adapter written by save_adapter into `model`. A model without LoRA layers gets
+    them first, with the settings stored in the file. Shapes and names must match exactly."""
+    import json
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if config is None:
+        raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
+    if not lora_layers(model):
+        inject_lora(model, **config)
+    own = lora_state_dict(model)
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"adapter {path} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if tensors[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"adapter {path} has shapes that do not match the model: {bad[:3]}")
+    model.load_state_dict(tensors, strict=False)
+    return model

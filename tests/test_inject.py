@@ -1,0 +1,128 @@
+"""Injection into whole models, freezing, the parameter report, and saving/loading adapters alone."""
+import pytest
+import torch
+import torch.nn as nn
+
+import labkit as lk
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def ids(n=2, T=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, T), generator=g)
+
+
+def test_inject_replaces_targets_and_freezes_the_rest():
+    model = lk.inject_lora(lk.tiny_llama(), QKVO, r=4, alpha=8)
+    layers = lk.lora_layers(model)
+    assert len(layers) == 2 * 4                              # 2 layers x q, k, v, o
+    assert all(n.rsplit(".", 1)[-1] in QKVO for n, _ in layers)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+
+
+def test_parameter_count_matches_r_times_in_plus_out():
+    model = lk.tiny_llama()                               # hidden 64, 4 heads of 16, 2 kv heads -> k,v out 32
+    lk.inject_lora(model, QKVO, r=4, alpha=8)
+    per_layer = 4 * (64 + 64) + 4 * (64 + 32) * 2 + 4 * (64 + 64)
+    trainable, total = lk.count_parameters(model)
+    assert trainable == 2 * per_layer
+    rows = {r["module"]: r for r in lk.lora_report(model, show=False)}
+    assert rows["k_proj"]["lora_params"] == 2 * 4 * (64 + 32)
+    assert rows["q_proj"]["base_params"] == 2 * 64 * 64
+
+
+def test_output_unchanged_at_initialisation():
+    x = ids()
+    base = lk.tiny_llama()(x).logits
+    model = lk.inject_lora(lk.tiny_llama(), QKVO, r=4, alpha=8)
+    assert torch.equal(model(x).logits, base)
+
+
+def test_regex_and_all_linear():
+    model = lk.tiny_llama()
+    regex = lk.find_targets(model, r".*layers\.0\.self_attn\.(q|v)_proj")
+    assert regex == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    every = lk.find_targets(model, "all-linear")
+    assert len(every) == 2 * 7 and "lm_head" not in every       # q k v o gate up down, not the head
+
+
+def test_bert_names():
+    model = lk.inject_lora(lk.tiny_bert(), ["query", "key", "value"], r=2, alpha=4)
+    assert len(lk.lora_layers(model)) == 2 * 3
+
+
+def test_no_match_is_an_error_that_lists_the_linear_layers():
+    with pytest.raises(ValueError, match=r"matches no module.*q_proj"):
+        lk.inject_lora(lk.tiny_llama(), ["query"], r=4, alpha=8)
+
+
+def test_non_linear_target_is_an_error():
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        lk.inject_lora(lk.tiny_llama(), ["mlp"], r=4, alpha=8)
+
+
+def test_injecting_twice_is_an_error():
+    model = lk.inject_lora(lk.tiny_llama(), ["q_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="called twice"):
+        lk.inject_lora(model, ["q_proj"], r=4, alpha=8)
+
+
+def test_empty_targets_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        lk.inject_lora(lk.tiny_llama(), [], r=4, alpha=8)
+
+
+def test_rank_too_large_for_a_target_is_an_error():
+    with pytest.raises(ValueError, match="larger than min"):
+        lk.inject_lora(lk.tiny_llama(), ["k_proj"], r=33, alpha=8)    # k_proj is 64 -> 32
+
+
+def trained(seed=1):
+    model = lk.inject_lora(lk.tiny_llama(), QKVO, r=4, alpha=8)
+    torch.manual_seed(seed)
+    for _, m in lk.lora_layers(model):
+        m.lora_B.data.normal_(std=0.1)
+    return model
+
+
+def test_save_and_load_into_a_fresh_model(tmp_path):
+    model = trained()
+    path = lk.save_adapter(model, tmp_path / "adapter.safetensors")
+    fresh = lk.load_adapter(lk.tiny_llama(), path)          # injects with the stored settings
+    x = ids()
+    assert torch.equal(fresh(x).logits, model(x).logits)
+    assert fresh.lora_config == model.lora_config
+    size = path.stat().st_size
+    n = lk.count_parameters(model)[0]
+    assert n * 4 <= size < n * 4 + 4096                     # the LoRA tensors and a small header only
+
+
+def test_load_rejects_mismatched_shapes(tmp_path):
+    path = lk.save_adapter(trained(), tmp_path / "a.safetensors")
+    other = lk.inject_lora(lk.tiny_llama(), QKVO, r=2, alpha=8)
+    with pytest.raises(ValueError, match="shapes that do not match"):
+        lk.load_adapter(other, path)
+
+
+def test_load_rejects_missing_layers(tmp_path):
+    path = lk.save_adapter(trained(), tmp_path / "a.safetensors")
+    other = lk.inject_lora(lk.tiny_llama(), ["q_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        lk.load_adapter(other, path)
+
+
+def test_save_without_lora_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lk.save_adapter(lk.tiny_llama(), tmp_path / "a.safetensors")
+
+
+def test_merge_and_unmerge_whole_model():
+    model = trained()
+    x = ids()
+    before = model(x).logits
+    lk.merge_lora(model)
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-5)
+    lk.unmerge_lora(model)
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-5)
