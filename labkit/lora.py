@@ -24,8 +24,10 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)                    # W0 (and bias): frozen
         self.r, self.alpha, self.init = r, alpha, init
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r   # rsLoRA or LoRA
-        dtype = dtype or (base.weight.dtype if base.weight.is_floating_point() else torch.float32)
-        kw = dict(device=base.weight.device, dtype=dtype)
+        if _is_4bit(base):                                        # QLoRA (chapter 5): A, B in compute dtype
+            kw = dict(device=base.packed.device, dtype=dtype or base.compute_dtype)
+        else:
+            kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))     # A: (r, in)
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **kw))    # B: (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -60,22 +62,37 @@ class LoRALinear(nn.Module):
     def merge(self):
         if self.merged:
             raise RuntimeError("merge(): this layer is already merged; call unmerge() first")
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        self._add_to_base(self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             raise RuntimeError("unmerge(): this layer is not merged")
-        self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+        self._add_to_base(-self.delta_weight())
         self.merged = False
+
+    def _add_to_base(self, delta):
+        if _is_4bit(self.base):
+            self.base.add_to_weight(delta)                          # re-quantizes: lossy (chapter 5)
+        else:
+            self.base.weight += delta.to(self.base.weight.dtype)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, init={self.init!r}, merged={self.merged}"
 
 
+def _is_4bit(module):
+    return getattr(module, "is_4bit_linear", False)
+
+
+def is_linear(module):
+    """An nn.Linear, or labkit's 4-bit LinearNF4 (chapter 5): what LoRA can wrap."""
+    return isinstance(module, nn.Linear) or _is_4bit(module)
+
+
 def _check_lora_args(base, r, alpha, dropout, init):
-    if not isinstance(base, nn.Linear):
+    if not is_linear(base):
         raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"rank r must be an integer >= 1, got {r!r}")
@@ -103,7 +120,7 @@ def find_targets(model, target_modules):
     if target_modules == "all-linear":
         out_head = _output_head_name(model)
         return [n for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and n != out_head and not _inside_lora(n)]
+                if is_linear(m) and n != out_head and not _inside_lora(n)]
     if isinstance(target_modules, str):
         return [n for n in names if re.fullmatch(target_modules, n)]
     if not target_modules:
@@ -116,14 +133,14 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
     """Freeze `model`, then replace each target nn.Linear by a LoRALinear. Returns the model."""
     targets = find_targets(model, target_modules)
     if not targets:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
         raise ValueError(f"target_modules={target_modules!r} matches no module of this "
                          f"{type(model).__name__}; its nn.Linear layers are named {linear}")
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear) or _inside_lora(name):
             raise ValueError(f"{name} already has a LoRA adapter: inject_lora was called twice on it")
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear: "
                             "LoRALinear can only wrap linear layers")
     model.requires_grad_(False)
@@ -187,7 +204,7 @@ def lora_report(model, show=True):
         row = rows.setdefault(kind, dict(module=kind, layers=0, lora_params=0, base_params=0))
         row["layers"] += 1
         row["lora_params"] += m.lora_A.numel() + m.lora_B.numel()
-        row["base_params"] += sum(p.numel() for p in m.base.parameters())
+        row["base_params"] += m.base.in_features * m.base.out_features
     trainable, total = count_parameters(model)
     rows = list(rows.values())
     if show:

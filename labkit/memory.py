@@ -68,19 +68,21 @@ def peak_memory(fn, device="cpu"):
 
 
 @contextmanager
-def count_saved_tensors():
-    """Counts the bytes autograd saves for backward inside the block (each storage once).
+def count_saved_tensors(model=None):
+    """Counts the bytes autograd saves for backward inside the block: the activations. Each storage
+    is counted once, and the model's own parameters (also saved, but already in memory) not at all.
 
-        with count_saved_tensors() as saved:
+        with count_saved_tensors(model) as saved:
             loss = model(**batch).loss
-        saved["bytes"]
+        saved["bytes"], saved["tensors"]
     """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
     seen, info = set(), {"bytes": 0, "tensors": 0}
 
     def pack(t):
         st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        if key not in seen and not isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+        key = st.data_ptr()
+        if key not in seen and key not in params and not isinstance(t, torch.nn.Parameter):
             seen.add(key)
             info["bytes"] += st.nbytes()
             info["tensors"] += 1
@@ -104,3 +106,57 @@ def training_bill(n_params, n_trainable=None, param_bytes=4, grad_bytes=None, op
             "gradients": n_trainable * grad_bytes,
             "optimizer": n_trainable * states[optimizer] * state_bytes,
             "activations": activations}
+
+
+def parameter_groups(model):
+    """Parameters of a transformer grouped by role: embeddings, attention, MLP, norms, other."""
+    groups, seen = {}, set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:                     # a tied output head shares the embedding's tensor
+            continue
+        seen.add(id(p))
+        if "norm" in name.lower():
+            key = "norms"
+        elif "embed" in name:
+            key = "embeddings"
+        elif any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj", "attention")):
+            key = "attention"
+        elif any(k in name for k in ("mlp", "intermediate", "output.dense")):
+            key = "mlp"
+        else:
+            key = "other"
+        groups[key] = groups.get(key, 0) + p.numel()
+    return groups
+
+
+def fmt_bytes(n):
+    """Bytes as a short human string (binary units)."""
+    for unit, size in (("TiB", 1024 ** 4), ("GiB", GB), ("MiB", MB), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+_CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT": "activations",
+               "TEMP": "temporaries", "BUFFER": "buffers", "OTH": "other"}
+
+
+def tracked_peak(fn, *tracked):
+    """Run fn() while PyTorch's MemTracker accounts for every tensor; return (fn's result,
+    {category: bytes} at the moment of peak memory, on the device that peaked highest).
+
+    `tracked` are the model(s) and optimizer(s), so that their tensors are labelled weights,
+    gradients and optimizer states. This counts tensors, not the allocator's pages: it repeats
+    exactly from run to run, unlike the process's resident memory (see peak_memory)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        result = fn()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    device = max(snapshot, key=lambda d: snapshot[d].get("Total", 0))
+    peak = {}
+    for key, value in snapshot[device].items():
+        name = getattr(key, "name", str(key)).rsplit(".", 1)[-1]
+        peak[_CATEGORIES.get(name, name.lower())] = value
+    return result, peak

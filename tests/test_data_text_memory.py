@@ -1,0 +1,105 @@
+"""Data loading with its checks, the prompt masking of the collator, and the memory helpers."""
+import json
+
+import pytest
+import torch
+
+import labkit as lk
+from labkit import data, memory, text
+
+
+def test_people_splits_load_and_are_reproducible(tmp_path):
+    task = data.load_task("people")
+    assert {k: len(v) for k, v in task.items()} == {"train": 400, "val": 40, "test": 60}
+    assert {r["template"] for r in task["test"]} == {8, 9}
+    assert all(r["template"] < 8 for r in task["train"] + task["val"])
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_people", data.DATA_DIR / "people" / "make_people.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    gen.main(tmp_path)
+    for split in ("train", "val", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (data.DATA_DIR / "people" / f"{split}.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("content, msg", [
+    ('{"prompt": "a", "response": "b"}\n{not json}\n', "line 2: not valid JSON"),
+    ('{"prompt": "a"}\n', "line 1: field 'response' is missing"),
+    ('{"prompt": "", "response": "b"}\n', "line 1: field 'prompt' is missing or empty"),
+    ('[1, 2]\n', "line 1: expected a JSON object"),
+    ('\n\n', "the split is empty"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, content, msg):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(data.DataError, match=msg) as e:
+        data.load_jsonl(path)
+    assert "bad.jsonl" in str(e.value)
+
+
+def test_exact_match():
+    assert data.exact_match(['{"a": 1} ', "x"], ['{"a": 1}', "y"]) == 0.5
+    with pytest.raises(ValueError):
+        data.exact_match(["a"], ["a", "b"])
+
+
+class CharTok:
+    """A stand-in tokenizer: one id per character, a chat template of brackets."""
+    eos_token, pad_token_id = "$", 0
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(f"[{m['content']}]" for m in messages) + ">"
+
+    def __call__(self, s, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in s]}
+
+
+def test_encode_masks_the_prompt_and_collate_pads():
+    tok = CharTok()
+    e = text.encode(tok, "hi", "ok")
+    n_prompt = len(f"[{text.SYSTEM}][hi]>")
+    assert e["labels"][:n_prompt] == [text.IGNORE] * n_prompt
+    assert e["labels"][n_prompt:] == [ord("o"), ord("k"), ord("$")]
+    b = text.collate([e, text.encode(tok, "a", "b")], pad_id=0)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    short = len(text.encode(tok, "a", "b")["input_ids"])
+    assert b["attention_mask"][1, short:].sum() == 0 and (b["labels"][1, short:] == text.IGNORE).all()
+
+
+def test_training_bill():
+    bill = memory.training_bill(1000, optimizer="adamw", activations=5)
+    assert bill == {"weights": 4000, "gradients": 4000, "optimizer": 8000, "activations": 5}
+    lora = memory.training_bill(1000, n_trainable=10)
+    assert lora["gradients"] == 40 and lora["optimizer"] == 80
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        memory.training_bill(10, optimizer="lion")
+
+
+def test_count_saved_tensors_counts_activations_not_weights():
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(32, 256, requires_grad=True)
+    with memory.count_saved_tensors(lin) as saved:
+        torch.relu(lin(x)).sum()
+    # linear saves x (32x256 floats) and relu its output (32x256); the weight is not counted
+    assert saved["bytes"] == 2 * 32 * 256 * 4
+
+
+def test_peak_memory_sees_a_large_allocation():
+    _, peak = memory.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum() + torch.ones(64 * 2**20 // 4).sum())
+    assert peak >= 60 * 2**20
+
+
+def test_tracked_peak_labels_weights_gradients_and_optimizer():
+    model = lk.tiny_llama()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, 256, (2, 8))
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+
+    _, peak = memory.tracked_peak(step, model, opt)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert peak["weights"] == n_bytes
+    assert peak["gradients"] == n_bytes
+    assert peak["optimizer"] >= 2 * n_bytes               # m and v, plus the step's scratch space
