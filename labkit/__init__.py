@@ -1,8 +1,21 @@
-"""labkit: the helper package of the LoRA / QLoRA workbook. Import it as `import labkit as lk`."""
+"""labkit: the helper package of the LoRA / QLoRA workbook. Import it as `import labkit as lk`.
+
+What each chapter builds lives here once; the notebooks show it and test it against peft,
+bitsandbytes and transformers."""
+import warnings
+
+# peft (0.21) calls a transformers method that transformers 5 deprecates; harmless, and noisy in
+# every notebook that touches peft.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from . import data, exercises, lowrank, memory, quant, text, train
+from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 from .models import (MINILM, SMOLLM2, ModelUnavailable, cache_dir, load_model, minilm_path,
                      smollm2_path, tiny_bert, tiny_llama)
+from .qlora import LinearNF4, inject_qlora, model_bytes, quantize_model
+from .quant import dequantize_nf4, nf4_codebook, quantize_nf4
+from .session import setup
 
 __version__ = "0.1.0"
-from .compare import peft_config, peft_lora_grads, to_peft

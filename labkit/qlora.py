@@ -1,0 +1,96 @@
+"""QLoRA from scratch (chapter 5): a frozen linear layer stored in NF4, with LoRA on top.
+
+    h = dequant(W_nf4) x + (alpha / r) B A x        W_nf4: 4.5 (or ~4.13) bits per weight, frozen
+                                                      A, B: full precision, trained
+
+The base weight is dequantized on the fly, in the compute dtype, at every forward pass; it never
+receives a gradient. The LoRA path is the LoRALinear of chapter 2, unchanged.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import find_targets, inject_lora
+from .quant import QuantState4, dequantize_nf4, nf4_codebook, quantize_nf4
+
+
+class LinearNF4(nn.Module):
+    """A frozen nn.Linear whose weight lives as packed NF4 (two weights per byte)."""
+
+    is_4bit_linear = True
+
+    def __init__(self, linear, blocksize=64, double_quant=True, compute_dtype=torch.float32):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LinearNF4 quantizes an nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._store(linear.weight.detach(), blocksize, double_quant)
+
+    def _store(self, W, blocksize, double_quant):
+        packed, s = quantize_nf4(W, blocksize, double_quant)
+        self.blocksize, self.double_quant, self.weight_dtype = blocksize, double_quant, W.dtype
+        self.register_buffer("packed", packed)                    # (out*in/2, 1) uint8
+        self.register_buffer("absmax", s.absmax)                  # per block: fp32, or uint8 with DQ
+        for name in ("offset", "absmax2", "code2"):
+            self.register_buffer(name, getattr(s, name))          # None without double quantization
+
+    def quant_state(self):
+        return QuantState4(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
+                           nf4_codebook().to(self.packed.device), self.absmax, self.offset, self.absmax2,
+                           None if self.code2 is None else self.code2.to(self.packed.device))
+
+    @property
+    def weight(self):
+        """The dequantized weight (out, in), in the compute dtype: a fresh tensor, read-only in spirit."""
+        return dequantize_nf4(self.packed, self.quant_state()).to(self.compute_dtype)
+
+    def forward(self, x):                                          # x: (..., in)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.weight, bias)   # dequantize, then an ordinary matmul
+
+    @torch.no_grad()
+    def add_to_weight(self, delta):
+        """W <- quantize(dequantize(W) + delta): what merging into a 4-bit layer has to do.
+        The result is rounded to NF4 again, so it is not exactly W + delta (chapter 5 measures it)."""
+        W = self.weight.float() + delta.float()
+        self._store(W.to(self.weight_dtype), self.blocksize, self.double_quant)
+
+    def extra_repr(self):
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, NF4 blocks of "
+                f"{self.blocksize}{dq}, compute_dtype={self.compute_dtype}")
+
+
+def quantize_model(model, targets="all-linear", blocksize=64, double_quant=True, compute_dtype=torch.float32):
+    """Replace the target nn.Linear layers (all but the output head by default) with LinearNF4, in place."""
+    names = find_targets(model, targets)
+    if not names:
+        raise ValueError(f"targets={targets!r} matches no module of this {type(model).__name__}")
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                LinearNF4(module, blocksize, double_quant, compute_dtype))
+    model.requires_grad_(False)
+    return model
+
+
+def inject_qlora(model, target_modules, r, alpha, quantize="all-linear", blocksize=64, double_quant=True,
+                 compute_dtype=torch.float32, **lora_kwargs):
+    """QLoRA: quantize the base model's linear layers to NF4, then put LoRA on `target_modules`."""
+    quantize_model(model, quantize, blocksize, double_quant, compute_dtype)
+    return inject_lora(model, target_modules, r, alpha, **lora_kwargs)
+
+
+def model_bytes(model):
+    """Bytes held by a model's parameters and buffers (each tensor once): its memory footprint."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

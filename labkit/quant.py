@@ -1,0 +1,239 @@
+"""4-bit quantization from scratch (chapter 4): NF4, blockwise absmax, packing, double quantization.
+
+    w  ->  blocks of `blocksize` values  ->  each block scaled by 1 / absmax into [-1, 1]
+       ->  each value rounded to the nearest of 16 codes  ->  two 4-bit indices per byte
+
+Every step matches bitsandbytes (`quantize_4bit(..., quant_type="nf4")`) byte for byte; the tests
+in tests/test_quant.py check the packed bytes, the absmax values and the dequantized tensors.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NF4_OFFSET = 0.9677083          # bitsandbytes' choice: (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# The codebooks
+
+def nf4_codebook():
+    """The 16 NF4 values, built as bitsandbytes builds them (`create_normal_map`): 8 positive
+    quantiles of N(0, 1) and 7 negative ones on an evenly spaced probability grid, an exact zero,
+    then scaled so the largest is 1. bitsandbytes makes the grid and the scaling in float32 (the
+    quantiles themselves in float64); doing the same gives its table to the last bit."""
+    Q = lambda p: torch.special.ndtri(p.double())                       # the normal quantile function
+    pos = Q(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1])                    # 8 values, largest first
+    neg = -Q(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1])                   # 7 values
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    return v / v.max()
+
+
+def nf4_codebook_paper():
+    """NF4 following the QLoRA paper's Eq. 4 literally: each code is the mean of two neighbouring
+    quantiles, q_i = (Q(p_i) + Q(p_{i+1})) / 2, on the same probability grid per half (the offset
+    keeps Q finite at the ends), with the zero kept exact; then scaled into [-1, 1]."""
+    Q = lambda p: torch.special.ndtri(p)
+    p_pos = torch.linspace(0.5, NF4_OFFSET, 9, dtype=torch.float64)
+    p_neg = torch.linspace(0.5, NF4_OFFSET, 8, dtype=torch.float64)
+    pos = (Q(p_pos[:-1]) + Q(p_pos[1:])) / 2                               # 8 values
+    neg = -(Q(p_neg[:-1]) + Q(p_neg[1:])) / 2                              # 7 values
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (v / v.abs().max()).float()
+
+
+def fp4_codebook():
+    """bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit) values, sorted, scaled into [-1, 1].
+    Its +0 and -0 are the same number, so it has 15 distinct values."""
+    mags = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3], dtype=torch.float64) / 12
+    return torch.cat([mags, -mags]).unique().sort().values.float()
+
+
+def int4_codebook():
+    """Plain symmetric int4 with absmax scaling: the 15 levels k/7, k = -7..7."""
+    return (torch.arange(-7, 8, dtype=torch.float64) / 7).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise absmax quantization to any sorted 16-value codebook
+
+def _check_tensor(w, blocksize):
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"can only quantize floating-point tensors, got dtype {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty tensor")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if not torch.isfinite(w).all():
+        raise ValueError("the tensor holds NaN or inf values: absmax scaling would spread them over a whole block")
+
+
+def block_absmax(flat, blocksize):
+    """absmax of each block of a flat tensor (the last block may be shorter), and the values
+    scaled into [-1, 1] by it, exactly as bitsandbytes scales them."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)                             # (n_blocks, blocksize)
+    absmax = blocks.abs().max(dim=1).values
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    if full < n:                                                            # the short last block
+        tail = flat[full:]
+        am = tail.abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am[None]])
+        scaled = torch.cat([scaled, (tail / am).clamp(-1, 1)])             # divided, as bnb does
+    return scaled, absmax
+
+
+def round_to_code(scaled, code):
+    """Index of the nearest code for each value; a value exactly half-way goes to the lower code."""
+    midpoints = (code[:-1] + code[1:]) / 2                                  # 15 thresholds
+    return torch.bucketize(scaled, midpoints)                               # x <= t -> lower code
+
+
+def pack_nibbles(idx):
+    """Two 4-bit indices per byte: element 2j in the high nibble, 2j+1 in the low one.
+    An odd count is padded with the index of 0.0, as bitsandbytes pads (its code 7)."""
+    idx = idx.to(torch.uint8)
+    if idx.numel() % 2:
+        idx = torch.cat([idx, torch.full((1,), 7, dtype=torch.uint8)])
+    return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1)                      # ((n+1)//2, 1)
+
+
+def unpack_nibbles(packed, n):
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
+    return idx[:n].long()
+
+
+# --------------------------------------------------------------------------------------------
+# Double quantization: the absmax constants, quantized again to 8 bits
+
+def dynamic_map():
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 7 decades of exponent, a
+    fraction whose resolution grows with the exponent, 0 and 1: 256 sorted values in [-0.993, 1]."""
+    values = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (-6 + i) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    return torch.tensor(sorted(values + [0.0, 1.0]), dtype=torch.float32)
+
+
+def quantize_blockwise_8bit(x, code, blocksize=256):
+    """Blockwise absmax quantization of a flat float32 tensor to the 256-value `code`: the nearest
+    value, ties to the lower one. Returns (uint8 indices, absmax per block).
+
+    bitsandbytes' compiled CPU kernel agrees except for about 0.1% of values that lie within about
+    1e-5 of a midpoint between two codes, where it sometimes takes the other neighbour (measured
+    in tests/test_quant.py); the dequantized constants then differ by one 8-bit step."""
+    n = x.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([x, x.new_zeros(pad)]).reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=1).values
+    normed = (blocks / absmax[:, None]).reshape(-1)[:n]
+    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, 255)
+    right = (left + 1).clamp(max=255)
+    go_right = (normed - code[right]).abs() < (normed - code[left]).abs()
+    idx = torch.where(go_right, right, left)
+    idx = torch.where(normed.isnan(), 0, idx)        # an all-zero block (0/0): bnb lands on index 0
+    return idx.to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q, absmax, code, blocksize=256):
+    block = torch.arange(q.numel()) // blocksize
+    return code[q.long()] * absmax[block]
+
+
+# --------------------------------------------------------------------------------------------
+# The public API: quantize_nf4 / dequantize_nf4
+
+@dataclass
+class QuantState4:
+    """What it takes to read packed 4-bit data back: shape, dtype, block size, the codebook, and the
+    absmax of every block (or, with double quantization, those quantized again)."""
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    code: torch.Tensor                        # (16,) float32
+    absmax: torch.Tensor                      # (n_blocks,) float32, or uint8 with double quantization
+    offset: Optional[torch.Tensor] = None     # double quantization: the mean subtracted from absmax
+    absmax2: Optional[torch.Tensor] = None    # double quantization: absmax of each block of 256 absmax
+    code2: Optional[torch.Tensor] = None      # double quantization: the 8-bit dynamic map
+    blocksize2: int = 256
+
+    @property
+    def double_quant(self):
+        return self.offset is not None
+
+    @property
+    def n(self):
+        return int(torch.Size(self.shape).numel())
+
+    def block_absmax(self):
+        """The absmax of every block, as float32 (dequantized first under double quantization)."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_blockwise_8bit(self.absmax, self.absmax2, self.code2, self.blocksize2) + self.offset
+
+    def nbytes(self):
+        """Bytes stored for this tensor's constants (not counting the shared codebooks)."""
+        extra = [self.absmax] + ([self.absmax2, self.offset] if self.double_quant else [])
+        return sum(t.numel() * t.element_size() for t in extra)
+
+
+def quantize_4bit(w, code, blocksize=64, double_quant=False):
+    """Quantize `w` to a 16-value codebook in blocks: returns (packed uint8 ((n+1)//2, 1), state)."""
+    _check_tensor(w, blocksize)
+    flat = w.detach().reshape(-1).float()
+    scaled, absmax = block_absmax(flat, blocksize)
+    packed = pack_nibbles(round_to_code(scaled, code))
+    state = QuantState4(w.shape, w.dtype, blocksize, code, absmax)
+    if double_quant:
+        state.offset = absmax.mean()
+        state.code2 = dynamic_map()
+        state.absmax, state.absmax2 = quantize_blockwise_8bit(absmax - state.offset, state.code2, state.blocksize2)
+    return packed, state
+
+
+def quantize_nf4(w, blocksize=64, double_quant=False):
+    """Quantize `w` to NF4, bitsandbytes' way: returns (packed uint8 of shape ((n+1)//2, 1), state)."""
+    return quantize_4bit(w, nf4_codebook(), blocksize, double_quant)
+
+
+def dequantize_nf4(packed, state):
+    """Read packed 4-bit data back into a tensor of the original shape and dtype."""
+    if not isinstance(state, QuantState4):
+        raise TypeError(f"expected the QuantState4 returned by quantize_nf4, got {type(state).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed data must be uint8, got {packed.dtype}")
+    n = state.n
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"this state does not belong to the packed data: the state describes "
+                         f"{tuple(state.shape)} ({n} values, {(n + 1) // 2} bytes) but {packed.numel()} bytes were given")
+    n_blocks = -(-n // state.blocksize)
+    absmax = state.block_absmax()
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"this state does not belong to the packed data: {absmax.numel()} absmax values "
+                         f"for {n_blocks} blocks of {state.blocksize}")
+    values = state.code[unpack_nibbles(packed, n)]                          # in [-1, 1]
+    block = torch.arange(n, device=packed.device) // state.blocksize
+    return (values * absmax[block]).reshape(state.shape).to(state.dtype)
+
+
+def dequantize_4bit(packed, state):
+    """Same as dequantize_nf4, for any codebook (FP4, int4, the paper's NF4)."""
+    return dequantize_nf4(packed, state)
+
+
+def bits_per_parameter(packed, state):
+    """Bits actually stored per parameter: the packed nibbles plus the per-block constants."""
+    return 8 * (packed.numel() * packed.element_size() + state.nbytes()) / state.n
+
+
+def quantization_error(w, code, blocksize=64, double_quant=False):
+    """Mean squared error of quantizing `w` to `code` and reading it back."""
+    packed, state = quantize_4bit(w, code, blocksize, double_quant)
+    return (dequantize_4bit(packed, state).float() - w.float()).pow(2).mean().item()
