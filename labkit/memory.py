@@ -141,6 +141,29 @@ _CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT
                "TEMP": "temporaries", "BUFFER": "buffers", "OTH": "other"}
 
 
+def _mem_tracker():
+    """torch's MemTracker, taught to leave frozen parameters alone: as shipped it installs a
+    gradient hook on every parameter of every module it enters, which raises for parameters that
+    do not require grad, i.e. for every LoRA or QLoRA model."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                def hook(grad):                                     # must return None
+                    self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                for p in module.parameters():
+                    if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                        self._param_to_grad_hook_handles[p] = (
+                            p.register_hook(hook),
+                            p.register_post_accumulate_grad_hook(lambda q: hook(q.grad)))
+            return out
+
+    return FrozenAwareMemTracker()
+
+
 def tracked_peak(fn, *tracked):
     """Run fn() while PyTorch's MemTracker accounts for every tensor; return (fn's result,
     {category: bytes} at the moment of peak memory, on the device that peaked highest).
@@ -148,8 +171,7 @@ def tracked_peak(fn, *tracked):
     `tracked` are the model(s) and optimizer(s), so that their tensors are labelled weights,
     gradients and optimizer states. This counts tensors, not the allocator's pages: it repeats
     exactly from run to run, unlike the process's resident memory (see peak_memory)."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-    tracker = MemTracker()
+    tracker = _mem_tracker()
     tracker.track_external(*tracked)
     with tracker:
         result = fn()
@@ -160,3 +182,24 @@ def tracked_peak(fn, *tracked):
         name = getattr(key, "name", str(key)).rsplit(".", 1)[-1]
         peak[_CATEGORIES.get(name, name.lower())] = value
     return result, peak
+
+
+def method_bill(n_params, n_trainable, method, n_quantized=None):
+    """Bytes of weights, gradients and AdamW states (no activations) for one fine-tuning method,
+    as the QLoRA paper counts them:
+
+    - "full":  mixed precision, 16 bytes per parameter (bf16 weight and gradient, fp32 master
+               weight, fp32 m and v);
+    - "lora":  the frozen base in bf16 (2 bytes), the adapters trained in fp32 (4 + 4 + 8 bytes);
+    - "qlora": the `n_quantized` linear weights in NF4 with double quantization (4.127 bits), the
+               rest of the base in bf16, the adapters as in LoRA."""
+    if method == "full":
+        return {"weights": 2 * n_params + 4 * n_params, "gradients": 2 * n_params, "optimizer": 8 * n_params}
+    adapters = {"gradients": 4 * n_trainable, "optimizer": 8 * n_trainable}
+    if method == "lora":
+        return {"weights": 2 * n_params + 4 * n_trainable, **adapters}
+    if method == "qlora":
+        n_quantized = n_params if n_quantized is None else n_quantized
+        nf4 = n_quantized * (4 + 8 / 64 + 32 / (64 * 256)) / 8
+        return {"weights": nf4 + 2 * (n_params - n_quantized) + 4 * n_trainable, **adapters}
+    raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")

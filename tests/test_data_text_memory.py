@@ -103,3 +103,39 @@ def test_tracked_peak_labels_weights_gradients_and_optimizer():
     assert peak["weights"] == n_bytes
     assert peak["gradients"] == n_bytes
     assert peak["optimizer"] >= 2 * n_bytes               # m and v, plus the step's scratch space
+
+
+def test_method_bill_counts_the_papers_way():
+    n, t = 1_000_000, 1_000
+    assert sum(memory.method_bill(n, n, "full").values()) == 16 * n
+    lora = memory.method_bill(n, t, "lora")
+    assert lora == {"weights": 2 * n + 4 * t, "gradients": 4 * t, "optimizer": 8 * t}
+    qlora = memory.method_bill(n, t, "qlora", n_quantized=n)
+    assert qlora["weights"] == pytest.approx(n * 4.126953125 / 8 + 4 * t)      # 4 + 8/64 + 32/(64*256) bits
+    with pytest.raises(ValueError, match="method must be"):
+        memory.method_bill(n, t, "prefix")
+
+
+@pytest.mark.parametrize("make", [lambda: lk.inject_lora(lk.tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8),
+                                  lambda: lk.inject_qlora(lk.tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8)])
+def test_tracked_peak_handles_frozen_bases(make):
+    model = make()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable)
+    x = torch.randint(0, 256, (2, 8))
+
+    def step():
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+
+    tracker = memory._mem_tracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    snapshot = tracker.get_tracker_snapshot()
+    final = {getattr(k, "name", str(k)): v for k, v in snapshot[torch.device("cpu")].items()}
+    n_trainable = sum(p.numel() * 4 for p in trainable)
+    assert final["GRAD"] == n_trainable                    # gradients for A and B, none for the frozen base
+    assert final["OPT"] == 2 * n_trainable + 4 * len(trainable)   # AdamW: m and v, and a step counter each
+    _, peak = memory.tracked_peak(step, model, opt)        # and the wrapper runs on frozen models
+    assert peak["total"] >= peak["weights"] > 0
