@@ -8,7 +8,7 @@ import warnings
 # every notebook that touches peft.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from . import data, exercises, lowrank, memory, quant, text, train
+from . import data, exercises, lowrank, memory, qlora, quant, text, train
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, save_adapter, unmerge_lora)

@@ -14,6 +14,21 @@ from .lora import find_targets, inject_lora
 from .quant import QuantState4, dequantize_nf4, nf4_codebook, quantize_nf4
 
 
+class _NF4Linear(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from NF4. Autograd would keep the dequantized W (4 bytes a
+    weight) for the backward pass; this dequantizes it again instead, as bitsandbytes does, so a
+    frozen 4-bit layer costs only its packed bytes between the two passes."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):                                   # only x needs a gradient
+        return grad_out @ ctx.layer.weight, None, None
+
+
 class LinearNF4(nn.Module):
     """A frozen nn.Linear whose weight lives as packed NF4 (two weights per byte)."""
 
@@ -48,7 +63,7 @@ class LinearNF4(nn.Module):
 
     def forward(self, x):                                          # x: (..., in)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.weight, bias)   # dequantize, then an ordinary matmul
+        return _NF4Linear.apply(x.to(self.compute_dtype), self, bias)  # dequantize, then an ordinary matmul
 
     @torch.no_grad()
     def add_to_weight(self, delta):
@@ -94,3 +109,28 @@ def model_bytes(model):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def footprint_table(name="smollm2"):
+    """Memory of a model's weights in fp32, bf16, NF4 and NF4 + double quantization: the arithmetic,
+    labkit's quantized model (measured), and bitsandbytes' through transformers (get_memory_footprint).
+    Linear layers other than the output head are quantized; embeddings and norms stay in fp32."""
+    from transformers import BitsAndBytesConfig
+    from .models import load_model
+    fp32 = load_model(name)[0]
+    n_total = sum(p.numel() for p in {id(p): p for p in fp32.parameters()}.values())
+    n_linear = sum(fp32.get_submodule(n).weight.numel() for n in find_targets(fp32, "all-linear"))
+    other = n_total - n_linear
+    bits = {"NF4": 4 + 32 / 64, "NF4 + double quant": 4 + 8 / 64 + 32 / (64 * 256)}
+    rows = [dict(format="fp32", arithmetic=4 * n_total, labkit=model_bytes(fp32), bnb=fp32.get_memory_footprint()),
+            dict(format="bf16", arithmetic=2 * n_total, labkit=model_bytes(load_model(name, dtype=torch.bfloat16)[0]),
+                 bnb=None)]
+    for label, b in bits.items():
+        dq = label != "NF4"
+        ours = quantize_model(load_model(name)[0], double_quant=dq)
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=dq,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        theirs = load_model(name, quantization_config=cfg, device_map="cpu")[0]
+        rows.append(dict(format=label, arithmetic=n_linear * b / 8 + 4 * other, labkit=model_bytes(ours),
+                         bnb=theirs.get_memory_footprint()))
+    return rows, n_linear, other
