@@ -143,8 +143,11 @@ def quantize_blockwise_8bit(x, code, blocksize=256):
 
 
 def dequantize_blockwise_8bit(q, absmax, code, blocksize=256):
-    block = torch.arange(q.numel(), device=q.device) // blocksize
-    return code.to(q.device)[q.long()] * absmax[block]
+    out = code.to(q.device).index_select(0, q.reshape(-1).int())             # a new tensor
+    full = out.numel() - out.numel() % blocksize
+    out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])   # x its block's absmax
+    out[full:].mul_(absmax[-1])                                              # the short last block
+    return out
 
 
 # --------------------------------------------------------------------------------------------
