@@ -60,3 +60,38 @@ def model_card_text(max_chars=3000):
     text = re.sub(r"[#|`*]", "", text)
     text = re.sub(r"\s+", " ", text).strip()
     return text[:max_chars]
+
+
+def field_accuracy(predictions, references):
+    """{field: fraction of predictions whose parsed JSON has the reference's value for it}.
+    A prediction that is not a JSON object counts as wrong on every field."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    refs = [json.loads(r) for r in references]
+    fields = list(refs[0]) if refs else []
+    right = {f: 0 for f in fields}
+    for p, r in zip(predictions, refs):
+        try:
+            got = json.loads(p)
+        except ValueError:
+            continue
+        if isinstance(got, dict):
+            for f in fields:
+                right[f] += got.get(f) == r.get(f)
+    return {f: right[f] / len(refs) for f in fields}
+
+
+def probe_correct(answers, rows):
+    """For each answer, whether it contains its row's keyword ("a|b" means either), case
+    insensitive, as a whole word: the forgetting probe's check (data/probe/)."""
+    import re
+    if len(answers) != len(rows):
+        raise ValueError(f"{len(answers)} answers for {len(rows)} questions")
+    return [any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", a, re.I) for k in r["answer"].split("|"))
+            for a, r in zip(answers, rows)]
+
+
+def probe_score(answers, rows):
+    """Fraction of forgetting-probe questions answered right."""
+    right = probe_correct(answers, rows)
+    return sum(right) / len(right)

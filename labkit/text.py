@@ -62,3 +62,21 @@ def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
     finally:
         tok.padding_side = side
     return [a.strip() for a in answers]
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows, max_new_tokens=48, batch_size=16):
+    """Exact match, per-field accuracy (JSON answers) and the answer-token loss on `rows`."""
+    from .data import exact_match, field_accuracy
+    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    refs = [r["response"] for r in rows]
+    device = next(model.parameters()).device
+    encoded = [encode(tok, r["prompt"], r["response"]) for r in rows]
+    losses, tokens = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], tok.pad_token_id).items()}
+        n = (batch["labels"][:, 1:] != IGNORE).sum().item()          # tokens the loss averages over
+        losses += model(**batch).loss.item() * n
+        tokens += n
+    return {"exact_match": exact_match(answers, refs), "fields": field_accuracy(answers, refs),
+            "loss": losses / tokens, "answers": answers}

@@ -1,24 +1,115 @@
-"""A small training loop that reads in one screen."""
+"""A small training loop that reads in one screen.
+
+AdamW on the parameters that require grad; optional warm-up and linear or cosine decay, gradient
+accumulation and clipping, evaluation every N steps, checkpoints to resume from; on CUDA, autocast
+in bf16, or in fp16 with a gradient scaler where bf16 is missing (the T4 of free Colab).
+With the defaults it is plain AdamW at a constant learning rate, one batch per step.
+"""
+import math
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
 
 
-def train(model, batches, steps, lr=2e-3, weight_decay=0.0, progress=True):
-    """AdamW on the parameters that require grad, for `steps` batches. Returns the losses."""
+def lr_factor(step, steps, warmup=0, schedule="constant"):
+    """Multiplier of the learning rate at `step` (0-based): linear warm-up, then constant/linear/cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
+
+
+def _autocast(model, amp):
+    """(context, GradScaler or None) for the model's device: bf16 where supported, else fp16."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" or amp is False:
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="constant", grad_accum=1,
+          max_grad_norm=None, eval_fn=None, eval_every=None, history=None, amp=None, checkpoint=None,
+          progress=True):
+    """Train for `steps` optimizer steps, each on `grad_accum` batches from `batches`.
+
+    Returns the loss of each step (averaged over its batches). With `eval_fn`, calls it every
+    `eval_every` steps and appends {"step": ..., **its result} to the list `history`.
+    `checkpoint` (a path) is loaded first if it exists and written at the end, so a run can be
+    resumed; the batch stream is the caller's to continue (e.g. the same generator object)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
+    if grad_accum < 1 or steps < 1:
+        raise ValueError(f"steps and grad_accum must be >= 1, got {steps} and {grad_accum}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
+    history = [] if history is None else history
+    start, losses = _resume(checkpoint, model, opt, sched, history)
+    autocast, scaler = _autocast(model, amp)
     model.train()
-    losses = []
-    bar = tqdm(range(steps), desc="training", disable=not progress)
-    for _ in bar:
-        batch = next(batches)
-        loss = model(**batch).loss                 # mean cross-entropy over the unmasked tokens
-        loss.backward()
-        opt.step()
+    bar = tqdm(range(start, steps), desc="training", disable=not progress)
+    for step in bar:
+        total = 0.0
+        for _ in range(grad_accum):
+            batch = next(batches)
+            with autocast:
+                loss = model(**batch).loss / grad_accum   # mean over the unmasked tokens, per batch
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.item()
+        if scaler:
+            scaler.unscale_(opt)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(opt) if scaler else opt.step()
+        if scaler:
+            scaler.update()
+        sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            history.append({"step": step + 1, **eval_fn(model)})
+            model.train()
     model.eval()
+    if checkpoint is not None:
+        _save(checkpoint, model, opt, sched, losses, history)
     return losses
+
+
+def _trainable_state(model):
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(path, model, opt, sched, losses, history):
+    torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "losses": losses, "history": history}, path)
+
+
+def _resume(path, model, opt, sched, history):
+    """(first step, losses so far) from a checkpoint (its eval history is put into `history`), or a fresh start."""
+    import os
+    if path is None or not os.path.exists(path):
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    own = dict(model.named_parameters())
+    missing = sorted(set(state["params"]) - {n for n, p in own.items() if p.requires_grad})
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit this model: it trains {missing[:3]}, which this model "
+                         "does not (inject the same adapters first)")
+    with torch.no_grad():
+        for n, t in state["params"].items():
+            own[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    history[:0] = state["history"]
+    return len(state["losses"]), list(state["losses"])

@@ -139,3 +139,48 @@ def test_tracked_peak_handles_frozen_bases(make):
     assert final["OPT"] == 2 * n_trainable + 4 * len(trainable)   # AdamW: m and v, and a step counter each
     _, peak = memory.tracked_peak(step, model, opt)        # and the wrapper runs on frozen models
     assert peak["total"] >= peak["weights"] > 0
+
+
+def test_field_accuracy():
+    refs = ['{"name": "A B", "age": 30}', '{"name": "C D", "age": 41}', '{"name": "E F", "age": 52}']
+    preds = ['{"name": "A B", "age": 31}', 'not json', '{"age": 52, "name": "E F"}']
+    assert data.field_accuracy(preds, refs) == {"name": 2 / 3, "age": 1 / 3}
+    with pytest.raises(ValueError):
+        data.field_accuracy(preds[:2], refs)
+
+
+@pytest.mark.slow
+def test_evaluate_scores_and_weights_the_loss_by_tokens():
+    """The real SmolLM2 tokenizer (chat template, padding) on a tiny random Llama of its vocabulary."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(lk.smollm2_path())
+    model = lk.tiny_llama(vocab_size=len(tok))
+    rows = data.load_task("people")["val"][:3]
+    one = text.evaluate(model, tok, rows, max_new_tokens=4, batch_size=1)
+    three = text.evaluate(model, tok, rows, max_new_tokens=4, batch_size=3)
+    assert abs(one["loss"] - three["loss"]) < 1e-4           # token-weighted: batch size does not matter
+    with torch.no_grad():
+        direct = model(**text.collate([text.encode(tok, r["prompt"], r["response"]) for r in rows],
+                                      tok.pad_token_id)).loss.item()
+    assert abs(three["loss"] - direct) < 1e-4
+    assert one["answers"] == three["answers"] and len(one["answers"]) == 3
+    assert one["exact_match"] == 0 and set(one["fields"]) == {"name", "age", "city", "job"}
+
+
+def test_probe_correct_matches_whole_words_and_alternatives():
+    rows = [{"prompt": "q", "answer": "Paris"}, {"prompt": "q", "answer": "seven|7"}, {"prompt": "q", "answer": "Sun"}]
+    assert data.probe_correct(["It is paris.", "There are 7 days.", "Sunday"], rows) == [True, True, False]
+    assert data.probe_score(["Paris", "seven", "the Sun"], rows) == 1.0
+    with pytest.raises(ValueError):
+        data.probe_correct(["Paris"], rows)
+
+
+def test_probe_file_loads_and_is_reproducible_in_form():
+    rows = data.load_jsonl(data.DATA_DIR / "probe" / "questions.jsonl", required=("prompt", "answer"))
+    assert len(rows) >= 20
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_probe", data.DATA_DIR / "probe" / "make_probe.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    candidates = {q: a for q, a in gen.CANDIDATES}
+    assert all(candidates[r["prompt"]] == r["answer"] for r in rows)   # every kept row is a candidate
