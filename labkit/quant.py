@@ -102,12 +102,6 @@ def pack_nibbles(idx):
     return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1)                      # ((n+1)//2, 1)
 
 
-def unpack_nibbles(packed, n):
-    flat = packed.reshape(-1)
-    idx = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
-    return idx[:n].long()
-
-
 # --------------------------------------------------------------------------------------------
 # Double quantization: the absmax constants, quantized again to 8 bits
 
