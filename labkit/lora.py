@@ -145,12 +145,16 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
                             "LoRALinear can only wrap linear layers")
     model.requires_grad_(False)
     for name in targets:
-        parent, _, child = name.rpartition(".")
-        lora = LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora)
-        setattr(model.get_submodule(parent) if parent else model, child, lora)
+        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora))
     model.lora_config = dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout,
                              init=init, use_rslora=use_rslora)
     return model
+
+
+def replace_module(model, name, module):
+    """Put `module` where the dotted `name` is, e.g. "model.layers.0.self_attn.q_proj"."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _inside_lora(name):

@@ -1,7 +1,9 @@
 """Memory: the bill of a training step on paper, and measured (chapter 0, then chapters 5 and 6).
 
-On a CPU the measurement is the process's resident memory (RSS, Linux /proc), sampled every
-half millisecond while the step runs; on CUDA it is torch.cuda.max_memory_allocated.
+Two measurements: tracked_peak accounts for every tensor with PyTorch's MemTracker and labels
+it (weights, gradients, optimizer, activations), repeatably; peak_memory reads the process's
+resident memory on a CPU (Linux /proc, sampled every half millisecond), or
+torch.cuda.max_memory_allocated on CUDA.
 """
 import ctypes
 import threading
@@ -9,9 +11,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-
-GB = 1024 ** 3
-MB = 1024 ** 2
 
 
 def _rss():
@@ -127,14 +126,6 @@ def parameter_groups(model):
             key = "other"
         groups[key] = groups.get(key, 0) + p.numel()
     return groups
-
-
-def fmt_bytes(n):
-    """Bytes as a short human string (binary units)."""
-    for unit, size in (("TiB", 1024 ** 4), ("GiB", GB), ("MiB", MB), ("KiB", 1024)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 _CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT": "activations",

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import find_targets, inject_lora
+from .lora import count_parameters, find_targets, inject_lora, replace_module
 from .quant import QuantState4, dequantize_nf4, nf4_codebook, quantize_nf4
 
 
@@ -87,9 +87,7 @@ def quantize_model(model, targets="all-linear", blocksize=64, double_quant=True,
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                LinearNF4(module, blocksize, double_quant, compute_dtype))
+        replace_module(model, name, LinearNF4(module, blocksize, double_quant, compute_dtype))
     model.requires_grad_(False)
     return model
 
@@ -118,7 +116,7 @@ def footprint_table(name="smollm2"):
     from transformers import BitsAndBytesConfig
     from .models import load_model
     fp32 = load_model(name)[0]
-    n_total = sum(p.numel() for p in {id(p): p for p in fp32.parameters()}.values())
+    n_total = count_parameters(fp32)[1]
     n_linear = sum(fp32.get_submodule(n).weight.numel() for n in find_targets(fp32, "all-linear"))
     other = n_total - n_linear
     bits = {"NF4": 4 + 32 / 64, "NF4 + double quant": 4 + 8 / 64 + 32 / (64 * 256)}
