@@ -194,3 +194,97 @@ def method_bill(n_params, n_trainable, method, n_quantized=None):
         nf4 = n_quantized * (4 + 8 / 64 + 32 / (64 * 256)) / 8
         return {"weights": nf4 + 2 * (n_params - n_quantized) + 4 * n_trainable, **adapters}
     raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def activation_bytes(config, batch, seq, method="full", targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8,
+                     dtype_bytes=4):
+    """Bytes autograd saves for backward in one forward pass of a Llama-style decoder (SmolLM2,
+    Llama, Mistral with sdpa attention), counted tensor by tensor, per token.
+
+    A tensor is saved only where a gradient must flow back through it, so the count follows the
+    residual stream: it "needs grad" from the first trained module on (from the embedding, in full
+    fine-tuning). Where it does, each RMSNorm saves its input and 1/rms (h + 1), attention its
+    query, key, value, output and log-sum-exp, the MLP its gate output, SiLU(gate) and up output
+    (3i). A trained weight also needs its layer's input (q/k/v share one, gate/up another; o's
+    is attention's output, already saved), a trained norm its normalised input (h), and a LoRA
+    layer A x (r numbers). At the top: the final norm and the log-softmax over the vocabulary.
+
+    `method` is "full" (everything trains) or "lora"/"qlora" (only adapters on `targets` train; a
+    QLoRA model saves the same tensors, its 4-bit weights being parameters, not activations)."""
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+    unknown = set(targets) - set(LLAMA_LINEARS)
+    if unknown:
+        raise ValueError(f"targets must be among {list(LLAMA_LINEARS)}, got {sorted(unknown)}")
+    h, i, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // nh
+    full = method == "full"
+    trained = set(LLAMA_LINEARS) if full else set(targets)
+    lora_r = 0 if full else r
+    norm = h + 1 + (h if full else 0)                        # input and 1/rms (+ normalised input)
+
+    def layer(live):
+        """(floats saved per token, does the stream need grad after this layer)"""
+        saved = norm if live else 0
+        qkv = trained & {"q_proj", "k_proj", "v_proj"}
+        saved += (h if qkv else 0) + lora_r * len(qkv)
+        attn_live = live or bool(qkv)
+        saved += 2 * nh * d + 2 * nkv * d + nh if attn_live else 0
+        if "o_proj" in trained:
+            saved += (0 if attn_live else nh * d) + lora_r
+        live = attn_live or "o_proj" in trained
+        saved += norm if live else 0
+        gate_up = trained & {"gate_proj", "up_proj"}
+        saved += (h if gate_up else 0) + lora_r * len(gate_up)
+        if live:                                             # gate output, SiLU(gate), up output
+            saved += 3 * i
+        else:                                                # only what leads back to a trained layer
+            saved += 2 * i * ("gate_proj" in gate_up) + i * ("up_proj" in gate_up)
+        mlp_live = live or bool(gate_up)
+        if "down_proj" in trained:
+            saved += i + lora_r
+        return saved, mlp_live or "down_proj" in trained
+
+    total, live = 0, full                                    # full: the embedding itself trains
+    for _ in range(L):
+        saved, live = layer(live)
+        total += saved
+    if live:
+        total += norm + (h if full else 0) + V               # final norm (+ lm_head input), log-softmax
+    return batch * seq * total * dtype_bytes
+
+
+def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, foreach=None):
+    """Peak bytes of one fp32 training step (after the first, when AdamW's states exist), on paper:
+
+        weights + max(backward: optimizer + activations + logits and their gradient,
+                      step:     gradients + optimizer + AdamW's temporaries)
+
+    The inputs are counts (parameters, 4-bit weights, the config), not measurements. AdamW's
+    temporaries: per tensor on a CPU (foreach=False, two tensors the size of the largest trainable
+    one: sqrt(v), then its scaled copy), or for all tensors at once with foreach (CUDA's default):
+    one copy of all trainable parameters. Returns {weights, gradients, optimizer, activations,
+    temporaries, total, phase}; compare with tracked_peak."""
+    from .lora import _is_4bit, count_parameters
+    trainable, total = count_parameters(model)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if _is_4bit(m))
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)                 # NF4 with double quantization
+    largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
+    foreach = next(model.parameters()).is_cuda if foreach is None else foreach
+    bill = {"weights": 4 * (total - quantized) + quantized * nf4_bits / 8,
+            "gradients": 4 * trainable, "optimizer": 8 * trainable,
+            "activations": activation_bytes(model.config, batch, seq, method, targets, r)}
+    logits = 2 * 4 * batch * seq * model.config.vocab_size   # the logits and their gradient
+    adamw_tmp = 4 * trainable if foreach else 2 * 4 * largest
+    backward = bill["optimizer"] + bill["activations"] + logits
+    step = bill["gradients"] + bill["optimizer"] + adamw_tmp
+    if backward >= step:
+        bill.update(gradients=0, temporaries=logits, phase="backward")
+    else:
+        bill.update(activations=0, temporaries=adamw_tmp, phase="optimizer step")
+    bill["total"] = sum(v for k, v in bill.items() if k not in ("phase",))
+    return bill
