@@ -7,8 +7,10 @@ import warnings
 # peft (0.21) calls a transformers method that transformers 5 deprecates; harmless, and noisy in
 # every notebook that touches peft.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# peft's prefix tuning passes past_key_values, which transformers 5 is renaming; also harmless.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
-from . import data, exercises, lowrank, memory, qlora, quant, text, train
+from . import adapters, data, exercises, finetune, lowrank, memory, qlora, quant, text, train
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, save_adapter, unmerge_lora)

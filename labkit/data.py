@@ -39,6 +39,11 @@ def load_task(name="people", splits=("train", "val", "test")):
     return {s: load_jsonl(DATA_DIR / name / f"{s}.jsonl") for s in splits}
 
 
+def load_probe():
+    """The forgetting probe's rows (data/probe/questions.jsonl): prompt and answer keyword(s)."""
+    return load_jsonl(DATA_DIR / "probe" / "questions.jsonl", required=("prompt", "answer"))
+
+
 def exact_match(predictions, references):
     """Fraction of predictions equal to their reference after stripping white space."""
     if len(predictions) != len(references):

@@ -65,11 +65,10 @@ def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows, max_new_tokens=48, batch_size=16):
-    """Exact match, per-field accuracy (JSON answers) and the answer-token loss on `rows`."""
-    from .data import exact_match, field_accuracy
-    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    refs = [r["response"] for r in rows]
+def answer_loss(model, tok, rows, batch_size=16):
+    """Mean cross-entropy over the answer tokens of `rows` (each token weighs the same)."""
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     encoded = [encode(tok, r["prompt"], r["response"]) for r in rows]
     losses, tokens = 0.0, 0
@@ -78,5 +77,25 @@ def evaluate(model, tok, rows, max_new_tokens=48, batch_size=16):
         n = (batch["labels"][:, 1:] != IGNORE).sum().item()          # tokens the loss averages over
         losses += model(**batch).loss.item() * n
         tokens += n
+    model.train(was_training)
+    return losses / tokens
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows, max_new_tokens=48, batch_size=16):
+    """Exact match, per-field accuracy (JSON answers) and the answer-token loss on `rows`."""
+    from .data import exact_match, field_accuracy
+    answers = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    refs = [r["response"] for r in rows]
     return {"exact_match": exact_match(answers, refs), "fields": field_accuracy(answers, refs),
-            "loss": losses / tokens, "answers": answers}
+            "loss": answer_loss(model, tok, rows, batch_size), "answers": answers}
+
+
+def length_stats(tok, rows):
+    """Token counts of the encoded rows: {"prompt"|"answer"|"total": (min, median, max)}."""
+    import statistics
+    encoded = [encode(tok, r["prompt"], r["response"]) for r in rows]
+    counts = {"prompt": [sum(l == IGNORE for l in e["labels"]) for e in encoded],
+              "total": [len(e["input_ids"]) for e in encoded]}
+    counts["answer"] = [t - p for t, p in zip(counts["total"], counts["prompt"])]
+    return {k: (min(v), statistics.median(v), max(v)) for k, v in counts.items()}

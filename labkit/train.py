@@ -38,13 +38,15 @@ def _autocast(model, amp):
 
 def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="constant", grad_accum=1,
           max_grad_norm=None, eval_fn=None, eval_every=None, history=None, amp=None, checkpoint=None,
-          progress=True):
+          progress=True, after_step=None):
     """Train for `steps` optimizer steps, each on `grad_accum` batches from `batches`.
 
     Returns the loss of each step (averaged over its batches). With `eval_fn`, calls it every
     `eval_every` steps and appends {"step": ..., **its result} to the list `history`.
     `checkpoint` (a path) is loaded first if it exists and written at the end, so a run can be
-    resumed; the batch stream is the caller's to continue (e.g. the same generator object)."""
+    resumed; the batch stream is the caller's to continue (e.g. the same generator object).
+    `after_step(step)` is called after each optimizer step, before the gradients are cleared
+    (AdaLoRA reallocates its ranks there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
@@ -73,6 +75,8 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
         if scaler:
             scaler.update()
         sched.step()
+        if after_step is not None:
+            after_step(step)
         opt.zero_grad(set_to_none=True)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")

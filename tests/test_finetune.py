@@ -1,0 +1,181 @@
+"""Fine-tuning runs (chapter 6): the activation and peak-memory arithmetic against measurement,
+the method runner, the Trainer route against labkit's loop, and their errors."""
+import pytest
+import torch
+
+import labkit as lk
+from labkit import finetune, memory, text
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
+SHAPE = dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2,
+             num_hidden_layers=3, vocab_size=500)
+
+
+def prepared(method, targets=QKVO, seed=0):
+    model = lk.tiny_llama(seed=seed, **SHAPE)
+    torch.manual_seed(seed)
+    return finetune.prepare(model, method, targets, r=8, alpha=16).train()
+
+
+@pytest.mark.parametrize("method, targets", [("full", QKVO), ("lora", QKVO), ("lora", ["q_proj", "v_proj"]),
+                                             ("lora", ALL), ("lora", ["down_proj"]), ("lora", ["o_proj"]),
+                                             ("lora", ["up_proj"]), ("lora", ["gate_proj"])])
+@pytest.mark.parametrize("B, T", [(2, 16), (4, 40)])
+def test_activation_arithmetic_matches_what_autograd_saves(method, targets, B, T):
+    model = prepared(method, targets)
+    ids = torch.randint(0, SHAPE["vocab_size"], (B, T), generator=torch.Generator().manual_seed(0))
+    with memory.count_saved_tensors(model) as saved:
+        model(input_ids=ids, labels=ids)
+    predicted = memory.activation_bytes(model.config, B, T, method, targets, r=8)
+    assert abs(predicted / saved["bytes"] - 1) < 0.05, (predicted, saved["bytes"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_predicted_peak_within_15_percent_of_memtracker(method):
+    model = prepared(method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, SHAPE["vocab_size"], (4, 48), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    _, measured = memory.tracked_peak(step, model, opt)
+    predicted = memory.predict_peak(model, 4, 48, method, QKVO, r=8)
+    assert abs(predicted["total"] / measured["total"] - 1) < 0.15, (predicted, measured)
+
+
+def test_activation_arithmetic_rejects_bad_input():
+    config = lk.tiny_llama().config
+    with pytest.raises(ValueError, match="method must be"):
+        memory.activation_bytes(config, 1, 8, "prefix")
+    with pytest.raises(ValueError, match="targets must be among"):
+        memory.activation_bytes(config, 1, 8, "lora", ["query"])
+
+
+def test_prepare_sets_what_trains_and_rejects_unknown_methods():
+    full = prepared("full")
+    assert all(p.requires_grad for p in full.parameters())
+    lora = prepared("lora")
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    qlora = prepared("qlora")
+    assert sum(isinstance(m, lk.LinearNF4) for m in qlora.modules()) == 3 * 7
+    assert lk.count_parameters(qlora)[0] == lk.count_parameters(lora)[0]
+    with pytest.raises(ValueError, match="unknown method 'adapter'.*full, lora, qlora, dora"):
+        finetune.prepare(lk.tiny_llama(), "adapter")
+    with pytest.raises(ValueError, match="matches no module"):
+        finetune.prepare(lk.tiny_llama(), "lora", ["query"])
+
+
+def test_checkpoint_is_the_adapter_or_the_whole_model():
+    lora, full = prepared("lora"), prepared("full")
+    n_lora, n_total = lk.count_parameters(lora)[0], lk.count_parameters(full)[1]
+    assert 4 * n_lora < finetune.checkpoint_bytes(lora, "lora") < 4 * n_lora + 64 * 1024       # + header
+    assert 4 * n_total < finetune.checkpoint_bytes(full, "full") < 4 * n_total + 64 * 1024
+
+
+def test_table_prints_a_dash_where_a_row_has_no_value():
+    out = finetune.table([{"method": "base", "trainable": 0, "trainable_pct": 0.0, "exact_match": 0.0, "probe": 1.0},
+                          {"method": "lora", "trainable": 1000, "trainable_pct": 1.5, "exact_match": 0.5, "probe": 0.75,
+                           "peak_mib": 12.0, "s_per_step": 0.5, "checkpoint_mib": 0.1}], show=False).splitlines()
+    assert out[0].split()[:3] == ["method", "trainable", "%"]
+    assert out[1].split() == ["base", "0", "0.00", "0%", "100%", "-", "-", "-"]
+    assert out[2].split() == ["lora", "1,000", "1.50", "50%", "75%", "12", "0.5", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return lk.load_model()[1]
+
+
+def tiny_for(tok):
+    return lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256)
+
+
+def test_run_returns_one_measured_row(tok):
+    rows = lk.data.load_task("people")
+    rows = {"train": rows["train"][:8], "test": rows["test"][:3]}
+    probe = lk.data.load_probe()[:2]
+    row = finetune.run("lora", rows, probe, model=tiny_for(tok), tok=tok, steps=2, batch_size=2, progress=False)
+    assert row["method"] == "lora" and len(row["losses"]) == 2 and len(row["answers"]) == 3
+    assert row["trainable"] == lk.count_parameters(row["model"])[0] > 0
+    assert row["s_per_step"] > 0 and row["checkpoint_mib"] > 0
+    assert 0 <= row["exact_match"] <= 1 and 0 <= row["probe"] <= 1
+
+
+def test_trainer_takes_the_same_step_as_labkit_loop(tok):
+    """One step over one batch (Trainer's order does not matter: the loss is a mean over the
+    answer tokens) must give the same loss and the same adapter weights, within 1e-5."""
+    from peft import LoraConfig, get_peft_model
+    rows = lk.data.load_task("people")["train"][:4]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights="gaussian")
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        twins.append(get_peft_model(tiny_for(tok), config))
+    ours, theirs = twins
+    batch = text.collate([text.encode(tok, r["prompt"], r["response"]) for r in rows], tok.pad_token_id)
+    our_loss = lk.train.train(ours, iter([batch]), 1, lr=1e-2, progress=False)
+    their_loss, _ = finetune.trainer_run(theirs, tok, rows, 1, lr=1e-2, batch_size=4, progress=False)
+    assert abs(our_loss[0] - their_loss[0]) < 1e-5
+    a = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys()
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_length_stats_and_answer_loss(tok):
+    rows = lk.data.load_task("people")["val"][:5]
+    stats = text.length_stats(tok, rows)
+    encoded = [text.encode(tok, r["prompt"], r["response"]) for r in rows]
+    assert stats["total"] == (min(len(e["input_ids"]) for e in encoded),
+                              sorted(len(e["input_ids"]) for e in encoded)[2],
+                              max(len(e["input_ids"]) for e in encoded))
+    assert all(lo <= mid <= hi for lo, mid, hi in stats.values())
+    model = tiny_for(tok)
+    assert text.answer_loss(model, tok, rows, batch_size=2) == pytest.approx(
+        text.answer_loss(model, tok, rows, batch_size=5), rel=1e-5)
+
+
+def test_latency_per_token_is_positive(tok):
+    assert 0 < finetune.latency_per_token(tiny_for(tok), tok, "Hi", new_tokens=4, repeats=1) < 10
+
+
+def stream(vocab=256, B=2, T=10):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randint(0, vocab, (B, T), generator=g)
+        yield {"input_ids": x, "labels": x}
+
+
+@pytest.mark.parametrize("method", finetune.METHODS)
+def test_every_method_trains_only_its_own_parameters(method):
+    model = lk.tiny_llama()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = finetune.prepare(model, method, steps=4)
+    trainable, total = lk.count_parameters(model)
+    assert 0 < trainable <= total
+    if method != "full":
+        assert trainable < 0.5 * total
+    losses = lk.train.train(model, stream(), 4, lr=1e-3, progress=False,
+                            after_step=finetune.after_step_hook(model, method))
+    assert len(losses) == 4 and all(l == l for l in losses)            # no NaN
+    if method in ("full", "qlora"):
+        return                                                          # full moves them; qlora re-stores them
+    still = [q for q in model.parameters() if not q.requires_grad]     # names change when wrapped
+    for n, p in frozen.items():                                       # the base weights did not move
+        assert any(q.shape == p.shape and torch.equal(q, p) for q in still), n
+
+
+def test_adalora_spreads_its_rank_budget():
+    model = finetune.prepare(lk.tiny_llama(), "adalora", r=4, steps=12)
+    lk.train.train(model, stream(), 12, lr=1e-2, progress=False, after_step=finetune.after_step_hook(model, "adalora"))
+    ranks = finetune.adalora_ranks(model)
+    assert len(ranks) == 2 * 4                                          # q, k, v, o in 2 layers
+    assert sum(ranks.values()) == 4 * len(ranks)                        # the budget: target r on average
+    assert all(0 <= r <= 6 for r in ranks.values())                     # at most init_r = 1.5 r
