@@ -179,3 +179,22 @@ def test_adalora_spreads_its_rank_budget():
     assert len(ranks) == 2 * 4                                          # q, k, v, o in 2 layers
     assert sum(ranks.values()) == 4 * len(ranks)                        # the budget: target r on average
     assert all(0 <= r <= 6 for r in ranks.values())                     # at most init_r = 1.5 r
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_prompt_methods_generate_with_their_prefix(tok, method):
+    """peft's generate drops the prefixes here; labkit's loop must use them, and its KV-cached
+    path must equal the plain one that re-reads the whole sequence."""
+    torch.manual_seed(0)
+    model = finetune.prepare(tiny_for(tok), method)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+    prompts = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima."]
+    got = text.generate(model, tok, prompts, max_new_tokens=12)
+    plain = text._greedy_one_by_one(model, tok, prompts, 12, use_cache=False)
+    assert got == [a.strip() for a in plain]
+    with model.disable_adapter():
+        base = [a.strip() for a in text._greedy_one_by_one(model, tok, prompts, 12, use_cache=False)]
+    assert got != base
