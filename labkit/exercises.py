@@ -181,3 +181,98 @@ def check_lora_grad_flow(model):
     missing = [n for n, m in lora_layers(model) if m.lora_B.grad is None]
     assert not missing, f"these LoRA layers got no gradient on B: {missing[:3]}"
     _ok(f"gradients reached the {2 * len(lora_layers(model))} LoRA tensors and nothing else")
+
+
+# Chapter 6 ----------------------------------------------------------------------------------
+
+def check_answer_fraction(fn, tok, rows):
+    """fn(batch) -> fraction of label positions that are not IGNORE."""
+    from .text import IGNORE, batches
+    for size, seed in ((1, 0), (4, 1), (8, 2)):
+        batch = next(batches(tok, rows, size, seed=seed))
+        done, got = _attempt(fn, batch)
+        if not done:
+            return _todo("answer fraction")
+        want = (batch["labels"] != IGNORE).sum().item() / batch["labels"].numel()
+        assert got is not None and abs(float(got) - want) < 1e-6, (
+            f"for a batch of {size} you gave {got}; expected {want:.4f}: count the labels that are not "
+            f"IGNORE ({IGNORE}), over all positions, padding included")
+    return _ok("answer fraction: the loss sees only the answer tokens (prompt and padding are IGNORE)")
+
+
+def check_adapter_mib(fn):
+    """fn(n_layers, d_model, d_kv, r, targets) -> MiB of an fp32 LoRA adapter on attention."""
+    from .models import tiny_llama
+    cases = [(30, 576, 192, 8, ("q_proj", "k_proj", "v_proj", "o_proj")), (30, 576, 192, 16, ("q_proj", "v_proj")),
+             (2, 64, 32, 4, ("k_proj", "o_proj"))]
+    for n_layers, d, d_kv, r, targets in cases:
+        done, got = _attempt(fn, n_layers, d, d_kv, r, list(targets))
+        if not done:
+            return _todo("adapter size")
+        if n_layers == 2:                                   # count a real model, not a formula
+            m = inject_lora(tiny_llama(hidden_size=d, num_attention_heads=4, num_key_value_heads=2), list(targets), r=r,
+                            alpha=2 * r)
+            want = 4 * count_parameters(m)[0] / 2**20
+        else:
+            shapes = {"q_proj": (d, d), "k_proj": (d, d_kv), "v_proj": (d, d_kv), "o_proj": (d, d)}
+            want = 4 * n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) / 2**20
+        assert got is not None and abs(got - want) < 1e-6 * max(1, want), (
+            f"for {n_layers} layers, r={r}, {list(targets)} you gave {got} MiB; expected {want:.4f}: each adapted "
+            "layer has A (r x in) and B (out x r), 4 bytes a number, 2**20 bytes a MiB")
+    return _ok("adapter size: r x (in + out) numbers per adapted layer, 4 bytes each")
+
+
+def check_largest_batch(fn):
+    """fn(method, limit_bytes, seq) -> the largest batch whose predicted peak fits under the limit."""
+    from .finetune import prepare
+    from .memory import predict_peak
+    from .models import load_model
+    model = None
+    for method, limit, seq in (("lora", 2 * 2**30, 96), ("full", 3 * 2**30, 96), ("lora", 1.5 * 2**30, 64)):
+        done, got = _attempt(fn, method, limit, seq)
+        if not done:
+            return _todo("largest batch")
+        model = prepare(load_model()[0], method)
+        fits = [b for b in range(1, 257) if predict_peak(model, b, seq, method)["total"] <= limit]
+        want = max(fits) if fits else 0
+        assert got == want, (f"{method}, under {limit / 2**30:.1f} GiB at length {seq}: you gave {got}, expected "
+                             f"{want}. Use lk.memory.predict_peak(model, batch, {seq}, '{method}') on a model "
+                             f"prepared with lk.finetune.prepare(model, '{method}')")
+    return _ok("largest batch: activations grow with batch x length; full fine-tuning's fixed cost leaves less room")
+
+
+# Chapter 8 ----------------------------------------------------------------------------------
+
+def check_bottleneck_params(fn):
+    """fn(d, m, n_layers, per_layer) -> trainable parameters of bottleneck adapters with biases."""
+    from .adapters import inject_adapters
+    from .models import tiny_llama
+    for d, m, n_layers, per_layer in ((64, 8, 2, 2), (64, 4, 3, 1), (576, 16, 30, 2)):
+        done, got = _attempt(fn, d, m, n_layers, per_layer)
+        if not done:
+            return _todo("bottleneck adapter parameters")
+        if d == 64:                                         # count a real model
+            targets = ("o_proj", "mlp") if per_layer == 2 else ("mlp",)
+            model = inject_adapters(tiny_llama(num_hidden_layers=n_layers), "serial", bottleneck=m, targets=targets)
+            want = count_parameters(model)[0]
+        else:
+            want = n_layers * per_layer * (d * m + m + m * d + d)
+        assert got == want, (f"d={d}, m={m}, {n_layers} layers x {per_layer}: you gave {got:,}, expected {want:,}: "
+                             "down is d x m plus m biases, up is m x d plus d biases")
+    return _ok("bottleneck adapters: 2dm + m + d per adapter")
+
+
+def check_ia3_params(fn):
+    """fn(config) -> entries of IA3's vectors: keys, values (kv heads x head dim) and MLP width, per layer."""
+    from .adapters import inject_ia3
+    from .models import tiny_llama
+    for kv_heads, layers in ((2, 2), (4, 3), (1, 2)):
+        model = inject_ia3(tiny_llama(num_key_value_heads=kv_heads, num_hidden_layers=layers))
+        done, got = _attempt(fn, model.config)
+        if not done:
+            return _todo("IA3 parameters")
+        want = count_parameters(model)[0]
+        assert got == want, (f"{layers} layers, {kv_heads} key/value heads: you gave {got}, expected {want}. Keys "
+                             "and values have num_key_value_heads x head_dim entries (grouped-query attention), "
+                             "the MLP's inner activation intermediate_size")
+    return _ok("IA3: 2 x kv_heads x head_dim + intermediate_size per layer")

@@ -44,3 +44,54 @@ def test_trainable_count():
     ex.check_trainable_count(lambda c, t, r: 2 * r * ((64 + 64) + (64 + 32)), cfg, ["q_proj", "v_proj"], r=4)
     with pytest.raises(AssertionError, match="you counted"):
         ex.check_trainable_count(lambda c, t, r: 2 * r * (64 + 64) * 2, cfg, ["q_proj", "v_proj"], r=4)
+
+
+def test_chapter6_checkers(capsys):
+    import labkit as lk
+    tok = lk.load_model()[1]
+    rows = lk.data.load_task("people")["train"][:20]
+    ex.check_answer_fraction(lambda b: (b["labels"] != -100).float().mean().item(), tok, rows)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="IGNORE"):               # forgot the padding positions
+        ex.check_answer_fraction(lambda b: (b["labels"] != -100).sum().item() / b["attention_mask"].sum().item(),
+                                 tok, rows)
+    ex.check_answer_fraction(todo, tok, rows)
+    assert "not attempted" in capsys.readouterr().out
+
+    def mib(n_layers, d, d_kv, r, targets):
+        out = {"q_proj": d, "k_proj": d_kv, "v_proj": d_kv, "o_proj": d}
+        return 4 * n_layers * sum(r * (d + out[t]) for t in targets) / 2**20
+    ex.check_adapter_mib(mib)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="A \\(r x in\\) and B"):
+        ex.check_adapter_mib(lambda n, d, d_kv, r, targets: 4 * n * len(targets) * r * 2 * d / 2**20)
+
+
+def test_largest_batch_checker(capsys):
+    import labkit as lk
+
+    def largest(method, limit, seq):
+        model = lk.finetune.prepare(lk.load_model()[0], method)
+        return max((b for b in range(1, 257) if lk.memory.predict_peak(model, b, seq, method)["total"] <= limit),
+                   default=0)
+    ex.check_largest_batch(largest)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="predict_peak"):
+        ex.check_largest_batch(lambda method, limit, seq: largest(method, limit, seq) + 1)
+
+
+def test_chapter8_checkers(capsys):
+    ex.check_bottleneck_params(lambda d, m, n, k: n * k * (2 * d * m + m + d))
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="biases"):
+        ex.check_bottleneck_params(lambda d, m, n, k: n * k * 2 * d * m)
+    ex.check_bottleneck_params(todo)
+    assert "not attempted" in capsys.readouterr().out
+
+    def ia3(c):
+        return c.num_hidden_layers * (2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+                                      + c.intermediate_size)
+    ex.check_ia3_params(ia3)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="grouped-query"):
+        ex.check_ia3_params(lambda c: c.num_hidden_layers * (2 * c.hidden_size + c.intermediate_size))
