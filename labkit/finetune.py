@@ -75,7 +75,7 @@ def adalora_ranks(model):
     pattern = model.peft_config["default"].rank_pattern
     if not pattern:
         raise ValueError("no rank pattern yet: AdaLoRA allocates ranks during training (after tinit steps)")
-    return {name.replace("base_model.model.", "").removesuffix(".lora_E"): int(sum(mask))
+    return {name.replace("base_model.model.", "").split(".lora_E")[0]: int(sum(mask))   # "...q_proj.lora_E.default"
             for name, mask in pattern.items()}
 
 
