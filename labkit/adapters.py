@@ -82,9 +82,8 @@ def inject_adapters(model, kind="serial", bottleneck=16, activation="relu", scal
 
 def _match(model, targets):
     """Names of the modules whose last name part is in `targets` (e.g. 'o_proj', 'mlp')."""
-    if isinstance(targets, str):
-        targets = [targets]
-    names = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in targets]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    names = find_targets(model, targets)
     if not names:
         raise ValueError(f"no module matches {list(targets)}; module names end in e.g. "
                          f"{sorted({n.rsplit('.', 1)[-1] for n, _ in model.named_modules() if n})[:12]}")
