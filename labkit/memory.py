@@ -33,6 +33,12 @@ def _trim():
         pass
 
 
+def held_memory():
+    """Bytes this process holds now (resident memory, after giving freed heap back to the OS)."""
+    _trim()
+    return _rss()
+
+
 def peak_memory(fn, device="cpu"):
     """Run fn(); return (its result, peak extra memory in bytes above the memory in use before)."""
     if torch.device(device).type == "cuda":
@@ -272,13 +278,17 @@ def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj
     from .lora import _is_4bit, count_parameters
     trainable, total = count_parameters(model)
     quantized = sum(m.in_features * m.out_features for m in model.modules() if _is_4bit(m))
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)                 # NF4 with double quantization
     largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
     foreach = next(model.parameters()).is_cuda if foreach is None else foreach
+    return _peak(model.config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach)
+
+
+def _peak(config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach):
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)                 # NF4 with double quantization
     bill = {"weights": 4 * (total - quantized) + quantized * nf4_bits / 8,
             "gradients": 4 * trainable, "optimizer": 8 * trainable,
-            "activations": activation_bytes(model.config, batch, seq, method, targets, r)}
-    logits = 2 * 4 * batch * seq * model.config.vocab_size   # the logits and their gradient
+            "activations": activation_bytes(config, batch, seq, method, targets, r)}
+    logits = 2 * 4 * batch * seq * config.vocab_size         # the logits and their gradient
     adamw_tmp = 4 * trainable if foreach else 2 * 4 * largest
     backward = bill["optimizer"] + bill["activations"] + logits
     step = bill["gradients"] + bill["optimizer"] + adamw_tmp
@@ -288,3 +298,46 @@ def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj
         bill.update(activations=0, temporaries=adamw_tmp, phase="optimizer step")
     bill["total"] = sum(v for k, v in bill.items() if k not in ("phase",))
     return bill
+
+
+def _linear_shapes(config):
+    """{projection: (in, out)} of one Llama-style decoder layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def config_counts(config, method="full", targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8):
+    """Parameter counts of a Llama-style model from its config alone (no weights needed, so any
+    size): {total, trainable, quantized, largest_trainable}. `total` includes LoRA's adapters, as
+    count_parameters does; "qlora" quantizes every linear layer of the decoder (not the head)."""
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
+    shapes = _linear_shapes(config)
+    unknown = set(targets) - set(shapes)
+    if unknown:
+        raise ValueError(f"targets must be among {list(shapes)}, got {sorted(unknown)}")
+    if method != "full" and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise ValueError(f"rank r must be a positive integer, got {r!r}")
+    h, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    linear = sum(a * b for a, b in shapes.values())
+    embed = V * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    base = embed + L * (linear + 2 * h) + h
+    if method == "full":
+        largest = max(V * h, max(a * b for a, b in shapes.values()))
+        return {"total": base, "trainable": base, "quantized": 0, "largest_trainable": largest}
+    adapters = L * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    largest = max(r * max(shapes[t]) for t in targets)
+    return {"total": base + adapters, "trainable": adapters,
+            "quantized": L * linear if method == "qlora" else 0, "largest_trainable": largest}
+
+
+def predict_peak_config(config, batch, seq, method, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8,
+                        foreach=False):
+    """predict_peak from a config alone (a 7B or 70B model needs no weights): the same bill,
+    with the parameter counts of config_counts."""
+    c = config_counts(config, method, targets, r)
+    return _peak(config, c["total"], c["trainable"], c["quantized"], c["largest_trainable"], batch, seq,
+                 method, targets, r, foreach)

@@ -36,8 +36,7 @@ def held(device):
     """Memory the process holds now: resident (CPU, after giving freed heap back) or allocated (CUDA)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated()
-    lk.memory._trim()
-    return lk.memory._rss()
+    return lk.memory.held_memory()
 
 
 def measure(method, name, device, batch, steps):
