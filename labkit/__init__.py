@@ -10,7 +10,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # peft's prefix tuning passes past_key_values, which transformers 5 is renaming; also harmless.
 warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
-from . import adapters, data, exercises, finetune, lowrank, memory, qlora, quant, text, train
+from . import adapters, data, exercises, finetune, lab, lowrank, memory, qlora, quant, text, train, widgets
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, save_adapter, unmerge_lora)

@@ -276,3 +276,77 @@ def check_ia3_params(fn):
                              "and values have num_key_value_heads x head_dim entries (grouped-query attention), "
                              "the MLP's inner activation intermediate_size")
     return _ok("IA3: 2 x kv_heads x head_dim + intermediate_size per layer")
+
+
+# Chapter 7 ----------------------------------------------------------------------------------
+
+def check_lora_params(fn):
+    """fn(config, targets, r) -> trainable LoRA parameters of the whole model (every layer)."""
+    from .models import tiny_llama
+    cases = ((2, ["q_proj", "v_proj"], 4), (4, ["q_proj", "k_proj", "v_proj", "o_proj"], 2),
+             (1, ["gate_proj", "up_proj", "down_proj"], 3), (2, ["k_proj"], 8))
+    for kv_heads, targets, r in cases:
+        model = tiny_llama(num_key_value_heads=kv_heads, num_hidden_layers=2)
+        done, got = _attempt(fn, model.config, targets, r)
+        if not done:
+            return _todo("LoRA parameters of a model")
+        want = count_parameters(inject_lora(model, targets, r=r, alpha=r))[0]
+        assert got == want, (f"{targets} at r={r} with {kv_heads} key/value heads: you gave {got:,}, the injected "
+                             f"model has {want:,}: each target adds r x (in + out), and k/v are "
+                             "num_key_value_heads x head_dim wide")
+    return _ok("LoRA parameters: r (in + out) per target per layer; k and v are narrower with grouped-query attention")
+
+
+def check_subspace_similarity(fn):
+    """fn(A1, A2) -> the LoRA paper's phi(i, j) for every i <= r1, j <= r2, as an (r1, r2) tensor."""
+    from .lab import subspace_similarity
+    g = torch.Generator().manual_seed(7)
+    for r1, r2, d in ((2, 3, 10), (8, 64, 200), (5, 5, 50)):
+        A1, A2 = torch.randn(r1, d, generator=g), torch.randn(r2, d, generator=g)
+        done, got = _attempt(fn, A1, A2)
+        if not done:
+            return _todo("subspace similarity")
+        want = subspace_similarity(A1, A2)
+        got = torch.as_tensor(got, dtype=torch.float32)
+        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)} (one value per i, j)"
+        err = (got - want).abs().max().item()
+        assert err < 1e-4, (f"({r1}, {r2}): off by up to {err:.3g}. Use the right-singular vectors of A (rows of "
+                            "Vh, best first), sum squared cosines over the top i and top j, divide by min(i, j)")
+    return _ok("phi matches lk.lab.subspace_similarity to 1e-4")
+
+
+def check_same_step_scale(fn, results):
+    """fn(results, key) -> the keys of the other cached q,v runs whose scaling x lr equals that of `key`."""
+    from .lab import scaling
+    runs = results["runs"]
+    for key in ("q,v r=8 a=16 lr=0.002", "q,v r=8 a=8 lr=0.001"):
+        done, got = _attempt(fn, results, key)
+        if not done:
+            return _todo("runs with the same step scale")
+        x = runs[key]
+        target = scaling(x["r"], x["alpha"], x["rslora"]) * x["lr"]
+        want = {k for k, y in runs.items() if k != key and y["targets"] == "q,v"
+                and math.isclose(scaling(y["r"], y["alpha"], y["rslora"]) * y["lr"], target, rel_tol=1e-9)}
+        assert set(got) == want, (f"for {key}: you gave {sorted(got)}, expected {sorted(want)} "
+                                  "(scaling is alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    return _ok("same scaling x lr: compare their final losses in the cache")
+
+
+def check_rank_under_budget(fn):
+    """fn(config, targets, limit_bytes) -> the largest r whose adapters (fp32 weights, gradients and
+    AdamW's two states: 16 bytes per parameter) fit in limit_bytes."""
+    from .memory import config_counts
+    from .widgets import model_configs
+    configs = model_configs()
+    for name, targets, limit in (("Llama-2-7B", ["q_proj", "v_proj"], 2**30),
+                                 ("Llama-2-7B", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], 2**30),
+                                 ("SmolLM2-135M", ["q_proj", "k_proj", "v_proj", "o_proj"], 50 * 2**20)):
+        done, got = _attempt(fn, configs[name], targets, limit)
+        if not done:
+            return _todo("largest rank under a memory budget")
+        per_rank = config_counts(configs[name], "lora", targets, 1)["trainable"]
+        want = limit // (16 * per_rank)
+        assert got == want, (f"{name}, {targets}, {limit / 2**20:.0f} MiB: you gave r={got}, expected r={want} "
+                             f"({per_rank:,} parameters per unit of rank, 16 bytes each)")
+    return _ok("the adapters' bill grows linearly in r: 16 bytes x r x sum(in + out) over targets and layers")

@@ -95,3 +95,43 @@ def test_chapter8_checkers(capsys):
     assert "✓" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="grouped-query"):
         ex.check_ia3_params(lambda c: c.num_hidden_layers * (2 * c.hidden_size + c.intermediate_size))
+
+
+def test_chapter7_checkers(capsys):
+    import torch
+
+    from labkit import lab
+    from labkit.memory import config_counts
+
+    def lora_params(c, targets, r):
+        return c.num_hidden_layers * lab.lora_params_per_layer(c, targets, r)
+    ex.check_lora_params(lora_params)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="num_key_value_heads"):          # k and v taken as hidden-wide
+        ex.check_lora_params(lambda c, t, r: c.num_hidden_layers * len(t) * r * 2 * c.hidden_size)
+    ex.check_lora_params(todo)
+    assert "not attempted" in capsys.readouterr().out
+
+    ex.check_subspace_similarity(lab.subspace_similarity)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="min"):                            # forgot to divide by min(i, j)
+        ex.check_subspace_similarity(lambda a, b: lab.subspace_similarity(a, b)
+                                     * torch.minimum(torch.arange(1, len(a) + 1)[:, None], torch.arange(1, len(b) + 1)))
+
+    runs = {lab.run_key(r, a, lr): {"r": r, "alpha": a, "lr": lr, "rslora": False, "targets": "q,v"}
+            for r, a, lr in [(8, 16, 2e-3), (8, 32, 1e-3), (8, 8, 4e-3), (8, 8, 1e-3), (8, 16, 5e-4), (4, 4, 1e-3)]}
+    results = {"runs": runs}
+
+    def same(results, key):
+        x = results["runs"][key]
+        s = lab.scaling(x["r"], x["alpha"]) * x["lr"]
+        return [k for k, y in results["runs"].items() if k != key and abs(lab.scaling(y["r"], y["alpha"]) * y["lr"] - s) < 1e-12]
+    ex.check_same_step_scale(same, results)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="alpha / r"):
+        ex.check_same_step_scale(lambda res, key: [k for k in res["runs"] if k != key and res["runs"][k]["lr"] == res["runs"][key]["lr"]], results)
+
+    ex.check_rank_under_budget(lambda c, t, limit: limit // (16 * config_counts(c, "lora", t, 1)["trainable"]))
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="16 bytes"):                       # 4 bytes: only the weights
+        ex.check_rank_under_budget(lambda c, t, limit: limit // (4 * config_counts(c, "lora", t, 1)["trainable"]))
