@@ -283,17 +283,19 @@ def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj
     return _peak(model.config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach)
 
 
-def _peak(config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach):
+def _peak(config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach,
+          fresh_optimizer=False, extra_saved=0):
     nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)                 # NF4 with double quantization
     bill = {"weights": 4 * (total - quantized) + quantized * nf4_bits / 8,
             "gradients": 4 * trainable, "optimizer": 8 * trainable,
-            "activations": activation_bytes(config, batch, seq, method, targets, r)}
+            "activations": activation_bytes(config, batch, seq, method, targets, r) + extra_saved}
     logits = 2 * 4 * batch * seq * config.vocab_size         # the logits and their gradient
     adamw_tmp = 4 * trainable if foreach else 2 * 4 * largest
-    backward = bill["optimizer"] + bill["activations"] + logits
+    backward = (0 if fresh_optimizer else bill["optimizer"]) + bill["activations"] + logits
     step = bill["gradients"] + bill["optimizer"] + adamw_tmp
     if backward >= step:
-        bill.update(gradients=0, temporaries=logits, phase="backward")
+        bill.update(gradients=0, temporaries=logits, phase="backward",
+                    optimizer=0 if fresh_optimizer else bill["optimizer"])
     else:
         bill.update(activations=0, temporaries=adamw_tmp, phase="optimizer step")
     bill["total"] = sum(v for k, v in bill.items() if k not in ("phase",))
@@ -335,9 +337,16 @@ def config_counts(config, method="full", targets=("q_proj", "k_proj", "v_proj", 
 
 
 def predict_peak_config(config, batch, seq, method, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8,
-                        foreach=False):
+                        foreach=False, fresh_optimizer=False, extra_saved=0):
     """predict_peak from a config alone (a 7B or 70B model needs no weights): the same bill,
-    with the parameter counts of config_counts."""
+    with the parameter counts of config_counts.
+
+    Two options describe a measurement that differs from a steady training step:
+    `fresh_optimizer`: the step is an optimizer's first, so AdamW's states do not exist during
+    backward (they appear in its step), as in lk.finetune.timed_training's measuring step;
+    `extra_saved`: bytes autograd saves beyond activation_bytes' count, e.g. on a CPU the attention
+    probabilities that attention keeps when the batch has padding (an attention mask with zeros
+    sends it down another kernel); count them with count_saved_tensors."""
     c = config_counts(config, method, targets, r)
     return _peak(config, c["total"], c["trainable"], c["quantized"], c["largest_trainable"], batch, seq,
-                 method, targets, r, foreach)
+                 method, targets, r, foreach, fresh_optimizer, extra_saved)
