@@ -3,7 +3,7 @@
 #
 #   bash scripts/workbook.sh lab       set up (if needed) and open the workbook in JupyterLab
 #   bash scripts/workbook.sh run-all   set up and execute every notebook headlessly into build/executed/
-#   bash scripts/workbook.sh test      set up and run the whole test suite (unit, parity, nbval)
+#   bash scripts/workbook.sh test      set up and run the whole test suite (unit, parity, nbval, browser)
 #   bash scripts/workbook.sh bench     set up and run the benchmark scripts
 #   bash scripts/workbook.sh setup     only set up
 #
@@ -50,6 +50,25 @@ setup() {
   "$PY" -c "import labkit; print('== SmolLM2 weights ready at', labkit.smollm2_path())"
 }
 
+browser_setup() {
+  # tests/test_browser.py drives chapter 7's widgets in JupyterLab through Playwright, with Debian's
+  # Chromium (Playwright's own browser download is out of reach on some machines, this project's
+  # among them). Where apt-get exists the test is required (LABKIT_BROWSER_TEST=1): a browser that
+  # failed to install fails the test instead of skipping it. Set LABKIT_CHROMIUM to use another one.
+  if [ -n "${LABKIT_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1; then
+    export LABKIT_BROWSER_TEST="${LABKIT_BROWSER_TEST:-1}"
+  elif command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+    echo "== installing Debian's chromium for the browser test (about a minute)"
+    $SUDO apt-get install -y -q chromium >/dev/null 2>&1 ||
+      { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; } ||
+      echo "== could not install chromium: the browser test will fail"
+    export LABKIT_BROWSER_TEST="${LABKIT_BROWSER_TEST:-1}"
+  else
+    echo "== no chromium and no apt-get: the browser test will be skipped (set LABKIT_CHROMIUM to a Chromium)"
+  fi
+}
+
 run_all() {
   mkdir -p build/executed
   for nb in notebooks/*.ipynb; do
@@ -65,7 +84,7 @@ case "$cmd" in
   setup)   setup ;;
   lab)     setup; exec "$PY" -m jupyter lab notebooks/ ;;
   run-all) setup; run_all ;;
-  test)    setup; "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider ;;
+  test)    setup; browser_setup; "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider ;;
   bench)   setup; for b in scripts/bench_*.py; do "$PY" "$b"; done ;;
   *) echo "usage: bash scripts/workbook.sh {lab|run-all|test|bench|setup}"; exit 2 ;;
 esac
