@@ -10,7 +10,7 @@ import torch
 
 from . import data, text
 from .lora import count_parameters, inject_lora, lora_layers
-from .memory import LLAMA_LINEARS
+from .memory import LLAMA_LINEARS, _linear_shapes
 from .train import train
 
 QV = ["q_proj", "v_proj"]
@@ -29,11 +29,7 @@ def scaling(r, alpha, rslora=False):
 
 def lora_params_per_layer(config, targets, r):
     """Trainable LoRA parameters in one decoder layer: r (in + out) for each target projection."""
-    h, i = config.hidden_size, config.intermediate_size
-    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = _linear_shapes(config)
     unknown = set(targets) - set(shapes)
     if unknown:
         raise ValueError(f"targets must be among {list(shapes)}, got {sorted(unknown)}")
@@ -112,5 +108,5 @@ def load_results(path=RESULTS):
     """The cached sweeps: {"settings": ..., "runs": {key: result}, "similarity": ...}."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_rank_lab.py (about 50 min on 2 cores)")
+        raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_rank_lab.py (about 40 min on 2 cores)")
     return json.loads(path.read_text())

@@ -3,8 +3,9 @@ cache every run in data/results/rank_lab.json for the chapter and its widgets to
 
     python scripts/run_rank_lab.py [--steps 12] [--only rank alpha ...] [--no-score]
 
-CPU time on 2 cores: about 50 minutes for the 30 runs (each trains 12 steps of 8 examples, about
-45 s, then measures the answer loss on the 60 test rows and answers them greedily, about 40 s).
+CPU time on 2 cores: about 40 minutes for the 30 runs (41 min when the cache was made; each run
+trains 12 steps of 8 examples, then measures the answer loss on the 60 test rows and answers them
+greedily: 60 to 120 s a run).
 Runs are written as each finishes and a run already in the file is not repeated, so an interrupted
 sweep resumes where it stopped (delete the file, or pass --fresh, to start over).
 
