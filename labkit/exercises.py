@@ -316,7 +316,7 @@ def check_subspace_similarity(fn):
 
 
 def check_same_step_scale(fn, results):
-    """fn(results, key) -> the keys of the other cached q,v runs whose scaling x lr equals that of `key`."""
+    """fn(results, key) -> the keys of the other cached q,v runs whose scaling x r x lr equals that of `key`."""
     from .lab import scaling
     runs = results["runs"]
     for key in ("q,v r=8 a=16 lr=0.002", "q,v r=8 a=8 lr=0.001"):
@@ -324,12 +324,12 @@ def check_same_step_scale(fn, results):
         if not done:
             return _todo("runs with the same step scale")
         x = runs[key]
-        target = scaling(x["r"], x["alpha"], x["rslora"]) * x["lr"]
+        target = scaling(x["r"], x["alpha"], x["rslora"]) * x["r"] * x["lr"]
         want = {k for k, y in runs.items() if k != key and y["targets"] == "q,v"
-                and math.isclose(scaling(y["r"], y["alpha"], y["rslora"]) * y["lr"], target, rel_tol=1e-9)}
+                and math.isclose(scaling(y["r"], y["alpha"], y["rslora"]) * y["r"] * y["lr"], target, rel_tol=1e-9)}
         assert set(got) == want, (f"for {key}: you gave {sorted(got)}, expected {sorted(want)} "
-                                  "(scaling is alpha / r, or alpha / sqrt(r) with rsLoRA)")
-    return _ok("same scaling x lr: compare their final losses in the cache")
+                                  "(scaling is alpha / r, or alpha / sqrt(r) with rsLoRA; then times r and lr)")
+    return _ok("same scaling x r x lr: compare their final losses in the cache")
 
 
 def check_rank_under_budget(fn):

@@ -108,5 +108,5 @@ def load_results(path=RESULTS):
     """The cached sweeps: {"settings": ..., "runs": {key: result}, "similarity": ...}."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_rank_lab.py (about 40 min on 2 cores)")
+        raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_rank_lab.py (about 55 min on 2 cores)")
     return json.loads(path.read_text())

@@ -146,18 +146,19 @@ def find_run(results, r, alpha, lr, rslora=False, targets="q,v"):
 def rank_alpha_summary(results, r, alpha, lr, rslora=False, targets="q,v", live=None):
     """The run at these settings (from the cache, or `live`, a dict of runs made by the reader,
     keyed like the cache), and the cached runs at the same r and targets for comparison:
-    {key, run (or None), source ("cache", "live" or None), scaling, step_scale (scaling x lr),
-    neighbours (runs at the same r)}."""
+    {key, run (or None), source ("cache", "live" or None), scaling, step_scale, neighbours (runs at
+    the same r)}. step_scale = scaling x r x lr: Adam moves each of B's r columns by about lr per
+    step, so B A grows by about r lr per step, times the scaling (alpha lr for plain LoRA, whatever r)."""
     key = lab.run_key(r, alpha, lr, rslora, targets)
     live = live or {}
     run, source = (results["runs"][key], "cache") if key in results["runs"] else (live.get(key), "live" if key in live else None)
     neighbours = [x for k, x in sorted(results["runs"].items()) if x["r"] == r and x["targets"] == targets and k != key]
     s = lab.scaling(r, alpha, rslora)
-    return {"key": key, "run": run, "source": source, "scaling": s, "step_scale": s * lr, "neighbours": neighbours}
+    return {"key": key, "run": run, "source": source, "scaling": s, "step_scale": s * r * lr, "neighbours": neighbours}
 
 
 def rank_alpha_text(s):
-    head = f"<b>{s['key']}</b>: scaling {s['scaling']:.3g}, scaling x lr {s['step_scale']:.2e}"
+    head = f"<b>{s['key']}</b>: scaling {s['scaling']:.3g}, scaling x r x lr {s['step_scale']:.3g}"
     run = s["run"]
     if run is None:
         return head + "<br><i>not in the cache: press 'train live' to run it (about 1 min on 2 CPU cores)</i>"
@@ -168,7 +169,7 @@ def rank_alpha_text(s):
 
 def rank_alpha_figure(results, s):
     """Left: loss curves at the chosen r (the chosen run bold). Right: every cached run's final
-    loss against scaling x lr, the product that sets the size of LoRA's first updates."""
+    loss against scaling x r x lr, the product that sets the size of LoRA's early updates."""
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     for x in s["neighbours"]:
@@ -180,13 +181,13 @@ def rank_alpha_figure(results, s):
         a.legend()
     a.set(xlabel="step", ylabel="training loss", title=f"r = {s['key'].split('r=')[1].split()[0]} (grey: other cached runs)")
     runs = [x for x in results["runs"].values() if x["targets"] == "q,v"]
-    xs = [lab.scaling(x["r"], x["alpha"], x["rslora"]) * x["lr"] for x in runs]
+    xs = [lab.scaling(x["r"], x["alpha"], x["rslora"]) * x["r"] * x["lr"] for x in runs]
     b.scatter(xs, [x["losses"][-1] for x in runs], c=[x["r"] for x in runs], cmap="viridis", norm=matplotlib.colors.LogNorm())
     if s["run"] is not None:
         b.scatter([s["step_scale"]], [s["run"]["losses"][-1]], s=160, facecolors="none", edgecolors="C3", lw=2)
     else:
         b.axvline(s["step_scale"], color="C3", ls=":")
-    b.set(xscale="log", xlabel="scaling x learning rate", ylabel="final training loss",
+    b.set(xscale="log", yscale="log", xlabel="scaling x r x learning rate", ylabel="final training loss",
           title="all cached q,v runs (colour: r)")
     fig.tight_layout()
     return fig

@@ -3,9 +3,9 @@ cache every run in data/results/rank_lab.json for the chapter and its widgets to
 
     python scripts/run_rank_lab.py [--steps 12] [--only rank alpha ...] [--no-score]
 
-CPU time on 2 cores: about 40 minutes for the 30 runs (41 min when the cache was made; each run
-trains 12 steps of 8 examples, then measures the answer loss on the 60 test rows and answers them
-greedily: 60 to 120 s a run).
+CPU time on 2 cores: about 55 minutes for the 39 runs (60 to 120 s each: 12 steps of 8 examples,
+then the answer loss on the 60 test rows and their greedy answers). The cache was made in two
+passes: 41 min for 30 runs, then 13 min for the 9 of `alpha_rs`.
 Runs are written as each finishes and a run already in the file is not repeated, so an interrupted
 sweep resumes where it stopped (delete the file, or pass --fresh, to start over).
 
@@ -15,6 +15,7 @@ The sweeps (learning rate 2e-3 unless said; LoRA on q_proj and v_proj unless sai
   rslora    the same with rsLoRA's alpha / sqrt(r)
   alpha     r = 8, alpha = 2 ... 128
   lr        r = 8, alpha in {8, 16, 32} x learning rate in {1e-3, 2e-3, 4e-3}
+  alpha_rs  alpha in {4, 16, 64} at r = 2, 8 and 64, with and without rsLoRA
   targets   q,v at r = 16, q,k,v,o at r = 8 and all seven linear layers at r = 3: equal budgets
 and the subspace similarity (the paper's phi) between the adapters of the rank sweep's r = 8 and
 r = 64 runs, for A (the paper's measure) and for B, in every layer.
@@ -37,6 +38,7 @@ SWEEPS = {
     "fixed": [dict(r=r, alpha=16) for r in (1, 2, 4, 8, 16, 64)],
     "alpha": [dict(r=8, alpha=a) for a in (2, 4, 8, 16, 32, 64, 128)],
     "lr": [dict(r=8, alpha=a, lr=lr) for a in (8, 16, 32) for lr in (1e-3, 2e-3, 4e-3)],
+    "alpha_rs": [dict(r=r, alpha=a, rslora=rs) for r in (2, 8, 64) for a in (4, 16, 64) for rs in (False, True)],
 }
 DEFAULTS = dict(lr=2e-3, rslora=False, targets="q,v")
 

@@ -119,13 +119,15 @@ def test_chapter7_checkers(capsys):
                                      * torch.minimum(torch.arange(1, len(a) + 1)[:, None], torch.arange(1, len(b) + 1)))
 
     runs = {lab.run_key(r, a, lr): {"r": r, "alpha": a, "lr": lr, "rslora": False, "targets": "q,v"}
-            for r, a, lr in [(8, 16, 2e-3), (8, 32, 1e-3), (8, 8, 4e-3), (8, 8, 1e-3), (8, 16, 5e-4), (4, 4, 1e-3)]}
+            for r, a, lr in [(8, 16, 2e-3), (8, 32, 1e-3), (8, 8, 4e-3), (8, 8, 1e-3), (8, 16, 5e-4), (4, 8, 1e-3),
+                                 (4, 4, 1e-3)]}
     results = {"runs": runs}
 
     def same(results, key):
         x = results["runs"][key]
-        s = lab.scaling(x["r"], x["alpha"]) * x["lr"]
-        return [k for k, y in results["runs"].items() if k != key and abs(lab.scaling(y["r"], y["alpha"]) * y["lr"] - s) < 1e-12]
+        s = lab.scaling(x["r"], x["alpha"]) * x["r"] * x["lr"]
+        return [k for k, y in results["runs"].items()
+                if k != key and abs(lab.scaling(y["r"], y["alpha"]) * y["r"] * y["lr"] - s) < 1e-12]
     ex.check_same_step_scale(same, results)
     assert "✓" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="alpha / r"):

@@ -183,7 +183,7 @@ FAKE = {"runs": {lab.run_key(r, a, 2e-3): {"r": r, "alpha": a, "lr": 2e-3, "rslo
 
 def test_rank_alpha_summary_finds_cached_and_live_runs():
     s = widgets.rank_alpha_summary(FAKE, 8, 16, 2e-3)
-    assert s["source"] == "cache" and s["scaling"] == 2.0 and s["step_scale"] == 4e-3
+    assert s["source"] == "cache" and s["scaling"] == 2.0 and s["step_scale"] == pytest.approx(2 * 8 * 2e-3)
     assert [x["alpha"] for x in s["neighbours"]] == [32]
     missing = widgets.rank_alpha_summary(FAKE, 64, 32, 2e-3)
     assert missing["run"] is None and "not in the cache" in widgets.rank_alpha_text(missing)
