@@ -317,16 +317,16 @@ def check_subspace_similarity(fn):
 
 def check_same_step_scale(fn, results):
     """fn(results, key) -> the keys of the other cached q,v runs whose scaling x r x lr equals that of `key`."""
-    from .lab import scaling
+    from .lab import step_scale
     runs = results["runs"]
     for key in ("q,v r=8 a=16 lr=0.002", "q,v r=8 a=8 lr=0.001"):
         done, got = _attempt(fn, results, key)
         if not done:
             return _todo("runs with the same step scale")
         x = runs[key]
-        target = scaling(x["r"], x["alpha"], x["rslora"]) * x["r"] * x["lr"]
+        target = step_scale(x["r"], x["alpha"], x["lr"], x["rslora"])
         want = {k for k, y in runs.items() if k != key and y["targets"] == "q,v"
-                and math.isclose(scaling(y["r"], y["alpha"], y["rslora"]) * y["r"] * y["lr"], target, rel_tol=1e-9)}
+                and math.isclose(step_scale(y["r"], y["alpha"], y["lr"], y["rslora"]), target, rel_tol=1e-9)}
         assert set(got) == want, (f"for {key}: you gave {sorted(got)}, expected {sorted(want)} "
                                   "(scaling is alpha / r, or alpha / sqrt(r) with rsLoRA; then times r and lr)")
     return _ok("same scaling x r x lr: compare their final losses in the cache")

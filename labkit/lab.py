@@ -27,6 +27,13 @@ def scaling(r, alpha, rslora=False):
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def step_scale(r, alpha, lr, rslora=False):
+    """scaling x r x lr: the size of LoRA's early updates. Adam moves each of B's r columns by about
+    lr per step, so B A grows by about r lr per step, times the scaling: alpha lr for plain LoRA,
+    whatever r; alpha sqrt(r) lr with rsLoRA."""
+    return scaling(r, alpha, rslora) * r * lr
+
+
 def lora_params_per_layer(config, targets, r):
     """Trainable LoRA parameters in one decoder layer: r (in + out) for each target projection."""
     shapes = _linear_shapes(config)

@@ -146,15 +146,14 @@ def find_run(results, r, alpha, lr, rslora=False, targets="q,v"):
 def rank_alpha_summary(results, r, alpha, lr, rslora=False, targets="q,v", live=None):
     """The run at these settings (from the cache, or `live`, a dict of runs made by the reader,
     keyed like the cache), and the cached runs at the same r and targets for comparison:
-    {key, run (or None), source ("cache", "live" or None), scaling, step_scale, neighbours (runs at
-    the same r)}. step_scale = scaling x r x lr: Adam moves each of B's r columns by about lr per
-    step, so B A grows by about r lr per step, times the scaling (alpha lr for plain LoRA, whatever r)."""
+    {key, run (or None), source ("cache", "live" or None), scaling, step_scale (lab.step_scale),
+    neighbours (runs at the same r)}."""
     key = lab.run_key(r, alpha, lr, rslora, targets)
     live = live or {}
     run, source = (results["runs"][key], "cache") if key in results["runs"] else (live.get(key), "live" if key in live else None)
     neighbours = [x for k, x in sorted(results["runs"].items()) if x["r"] == r and x["targets"] == targets and k != key]
     s = lab.scaling(r, alpha, rslora)
-    return {"key": key, "run": run, "source": source, "scaling": s, "step_scale": s * r * lr, "neighbours": neighbours}
+    return {"key": key, "run": run, "source": source, "scaling": s, "step_scale": lab.step_scale(r, alpha, lr, rslora), "neighbours": neighbours}
 
 
 def rank_alpha_text(s):
@@ -181,7 +180,7 @@ def rank_alpha_figure(results, s):
         a.legend()
     a.set(xlabel="step", ylabel="training loss", title=f"r = {s['key'].split('r=')[1].split()[0]} (grey: other cached runs)")
     runs = [x for x in results["runs"].values() if x["targets"] == "q,v"]
-    xs = [lab.scaling(x["r"], x["alpha"], x["rslora"]) * x["r"] * x["lr"] for x in runs]
+    xs = [lab.step_scale(x["r"], x["alpha"], x["lr"], x["rslora"]) for x in runs]
     b.scatter(xs, [x["losses"][-1] for x in runs], c=[x["r"] for x in runs], cmap="viridis", norm=matplotlib.colors.LogNorm())
     if s["run"] is not None:
         b.scatter([s["step_scale"]], [s["run"]["losses"][-1]], s=160, facecolors="none", edgecolors="C3", lw=2)

@@ -20,6 +20,9 @@ def test_scaling_is_alpha_over_r_or_over_sqrt_r():
     with pytest.raises(ValueError, match="rank r must be >= 1"):
         lab.scaling(0, 16)
     assert lab.run_key(1, 16, 2e-3, rslora=True) == lab.run_key(1, 16, 2e-3) == "q,v r=1 a=16 lr=0.002"
+    # plain LoRA's early update size is alpha x lr whatever r; rsLoRA's grows like sqrt(r)
+    assert lab.step_scale(8, 16, 2e-3) == pytest.approx(lab.step_scale(64, 16, 2e-3)) == pytest.approx(16 * 2e-3)
+    assert lab.step_scale(64, 16, 2e-3, rslora=True) == pytest.approx(16 * 8 * 2e-3)
     assert lab.run_key(8, 16, 1e-3, rslora=True, targets="all") == "all r=8 a=16 lr=0.001 rs"
 
 
