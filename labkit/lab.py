@@ -10,7 +10,7 @@ import torch
 
 from . import data, text
 from .lora import count_parameters, inject_lora, lora_layers
-from .memory import LLAMA_LINEARS, _linear_shapes
+from .memory import LLAMA_LINEARS, config_counts
 from .train import train
 
 QV = ["q_proj", "v_proj"]
@@ -36,11 +36,7 @@ def step_scale(r, alpha, lr, rslora=False):
 
 def lora_params_per_layer(config, targets, r):
     """Trainable LoRA parameters in one decoder layer: r (in + out) for each target projection."""
-    shapes = _linear_shapes(config)
-    unknown = set(targets) - set(shapes)
-    if unknown:
-        raise ValueError(f"targets must be among {list(shapes)}, got {sorted(unknown)}")
-    return sum(r * sum(shapes[t]) for t in targets)
+    return config_counts(config, "lora", targets, r)["trainable"] // config.num_hidden_layers
 
 
 def equal_budget_rank(config, targets, budget):
