@@ -10,6 +10,10 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # peft's prefix tuning passes past_key_values, which transformers 5 is renaming; also harmless.
 warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
+from .session import quiet_machine_noise
+
+quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
+
 from . import adapters, data, exercises, finetune, lab, lowrank, memory, qlora, quant, text, train, widgets
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
@@ -18,6 +22,6 @@ from .models import (MINILM, SMOLLM2, ModelUnavailable, cache_dir, load_model, m
                      smollm2_path, tiny_bert, tiny_llama)
 from .qlora import LinearNF4, inject_qlora, model_bytes, quantize_model
 from .quant import dequantize_nf4, nf4_codebook, quantize_nf4
-from .session import setup
+from .session import amp_dtype, setup
 
 __version__ = "0.1.0"

@@ -30,8 +30,8 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x):
-        return self.up(self.act(self.down(x)))
+    def forward(self, x):                       # computed in the adapter's dtype (fp32), returned in x's
+        return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 class SerialAdapter(nn.Module):
@@ -100,13 +100,15 @@ class IA3Linear(nn.Module):
             raise TypeError(f"IA3 wraps nn.Linear layers, got {type(base).__name__}")
         self.base, self.feedforward = base, feedforward
         size = base.in_features if feedforward else base.out_features
-        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
+        # fp32 whatever the base's dtype, as peft keeps it; the products are cast back to the layer's dtype
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=torch.float32))
         base.weight.requires_grad_(False)
 
     def forward(self, x):
         if self.feedforward:
-            return self.base(x * self.ia3_l)            # rescale the MLP's inner activation
-        return self.base(x) * self.ia3_l                # rescale the keys or the values
+            return self.base((x * self.ia3_l).to(x.dtype))      # rescale the MLP's inner activation
+        h = self.base(x)
+        return (h * self.ia3_l).to(h.dtype)                     # rescale the keys or the values
 
     def extra_repr(self):
         return f"feedforward={self.feedforward}, scaled={self.ia3_l.numel()}"

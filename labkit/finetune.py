@@ -10,7 +10,8 @@ import torch
 from . import data, text
 from .lora import count_parameters, inject_lora, save_adapter
 from .memory import tracked_peak
-from .train import train
+from .session import amp_dtype
+from .train import input_device, to_device, train
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Learning rates for 12 steps of 8 examples on the people task: full fine-tuning and LoRA were tried
@@ -85,7 +86,7 @@ def timed_training(model, batches, steps, **train_kwargs):
     it changes no weight; its peak is that of any step of the run (the states exist at its end).
     MemTracker counts tensors, not the allocator's pages: the figure repeats from run to run and
     is what lk.memory.predict_peak predicts (the process's resident memory is larger and noisier)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     t0 = time.perf_counter()
     losses = train(model, batches, steps, **train_kwargs)
     if device.type == "cuda":
@@ -93,7 +94,7 @@ def timed_training(model, batches, steps, **train_kwargs):
     seconds = (time.perf_counter() - t0) / steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
-    batch = {k: v.to(device) for k, v in next(batches).items()}
+    batch = to_device(next(batches), device)
 
     def step():
         model(**batch).loss.backward()
@@ -223,7 +224,7 @@ def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, ma
     "paged_adamw_32bit" or "paged_adamw_8bit" for QLoRA). Returns (losses per step, seconds in train())."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
     cuda = next(model.parameters()).is_cuda
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = cuda and amp_dtype("cuda") == torch.bfloat16      # a T4 reports bf16 only through emulation
     if encoded is None:
         encoded = [text.encode(tok, r["prompt"], r["response"]) for r in train_rows]
     with tempfile.TemporaryDirectory() as out:

@@ -24,10 +24,10 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)                    # W0 (and bias): frozen
         self.r, self.alpha, self.init = r, alpha, init
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r   # rsLoRA or LoRA
-        if _is_4bit(base):                                        # QLoRA (chapter 5): A, B in compute dtype
-            kw = dict(device=base.packed.device, dtype=dtype or base.compute_dtype)
-        else:
-            kw = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
+        # A and B are kept in fp32 whatever the base's dtype (bf16, or 4 bits in chapter 5), as peft
+        # keeps them (autocast_adapter_dtype): small updates to them are not lost to bf16's 8 bits.
+        device = base.packed.device if _is_4bit(base) else base.weight.device
+        kw = dict(device=device, dtype=dtype or torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))     # A: (r, in)
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **kw))    # B: (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -6,6 +6,8 @@
 The base weight is dequantized on the fly, in the compute dtype, at every forward pass; it never
 receives a gradient. The LoRA path is the LoRALinear of chapter 2, unchanged.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,12 +23,13 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, bias):
-        ctx.layer = layer
-        return F.linear(x, layer.weight, bias)
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return F.linear(x, layer.weight, bias)           # under autocast this runs in its dtype (bf16)
 
     @staticmethod
     def backward(ctx, grad_out):                                   # only x needs a gradient
-        return grad_out @ ctx.layer.weight, None, None
+        W = ctx.layer.weight.to(grad_out.dtype)                    # grad_out is bf16 after autocast
+        return (grad_out @ W).to(ctx.x_dtype), None, None
 
 
 class LinearNF4(nn.Module):
@@ -63,7 +66,18 @@ class LinearNF4(nn.Module):
 
     def forward(self, x):                                          # x: (..., in)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _NF4Linear.apply(x.to(self.compute_dtype), self, bias)  # dequantize, then an ordinary matmul
+        y = _NF4Linear.apply(x.to(self.compute_dtype), self, bias)    # dequantize, then an ordinary matmul
+        return y.to(x.dtype)          # back to the input's dtype, as bitsandbytes' Linear4bit does
+
+    def _apply(self, fn, recurse=True):
+        """model.to(device) moves the packed bytes and their constants; model.to(torch.bfloat16)
+        (or .half()) must not round the quantization constants (absmax, offset, code2) to 16 bits:
+        they keep their dtype, as bitsandbytes' Params4bit keeps its QuantState. Only the bias
+        follows a dtype change; the compute dtype is the layer's own setting."""
+        probe = fn(torch.zeros(1, device=self.packed.device))
+        if probe.dtype == torch.float32:                           # a move only: apply it to everything
+            return super()._apply(fn, recurse)
+        return super()._apply(lambda t: fn(t) if t is self.bias else t.to(probe.device), recurse)
 
     @torch.no_grad()
     def add_to_weight(self, delta):
@@ -132,3 +146,82 @@ def footprint_table(name="smollm2"):
         rows.append(dict(format=label, arithmetic=n_linear * b / 8 + 4 * other, labkit=model_bytes(ours),
                          bnb=theirs.get_memory_footprint()))
     return rows, n_linear, other
+
+
+# ---------------------------------------------------------------------------------------------
+# bitsandbytes on a CPU with AVX512-BF16 (chapter 5): the same Linear4bit takes another path there.
+#
+# On such a CPU, the first time a Linear4bit runs in eval mode on an input that does not require
+# grad (a model fresh from from_pretrained, fed token ids), bitsandbytes repacks its bytes into a
+# CPU layout, and from then on, in training mode too, computes through a fused kernel that casts
+# the input and the block constants to bf16, whatever bnb_4bit_compute_dtype says. On every other
+# CPU (and on a GPU) it dequantizes in the compute dtype, as labkit's LinearNF4 does.
+
+def bnb_4bit_layers(model):
+    """(name, module) for every bitsandbytes Linear4bit of `model`."""
+    import bitsandbytes as bnb
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def bnb_cpu_repacked(model):
+    """Names of the Linear4bit layers that bitsandbytes has repacked for its fused bf16 CPU kernel."""
+    return [n for n, m in bnb_4bit_layers(model)
+            if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+
+
+def bnb_exact_on_cpu(model):
+    """Keep every Linear4bit of `model` on the path that dequantizes in the compute dtype, on any
+    CPU (it turns off the repacking described above). Call it before the model's first forward pass."""
+    done = bnb_cpu_repacked(model)
+    if done:
+        raise RuntimeError(f"{len(done)} Linear4bit layers were already repacked for the fused CPU kernel "
+                           f"(e.g. {done[0]}): call bnb_exact_on_cpu before the first forward pass")
+    for _, m in bnb_4bit_layers(model):
+        m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def unpack_bnb_cpu_layout(packed, N, K, block_n=32):
+    """The (N, K) 4-bit codes of a weight that bitsandbytes repacked for its CPU kernel
+    (`_convert_weight_packed_for_cpu`: blocks of 32 rows, the two nibbles of a byte 32 rows apart)."""
+    p = packed.reshape(-1, block_n)                                  # (N/32 * K/2, 32)
+    rows = torch.cat([p & 0xF, p >> 4], dim=1)                       # (N/32 * K/2, 64): 32 rows x 2 columns
+    return rows.reshape(N // block_n, K // 2, block_n, 2).transpose(1, 2).reshape(N, K)
+
+
+def _fused_cpu_gemv_emulated(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+    """What bitsandbytes' fused CPU kernel computes, written in torch: the input and the block
+    constants in bf16 (repacking already rounded the constants to bf16, and undid double
+    quantization), the weight dequantized to bf16, sums in fp32, the result in bf16."""
+    N, K = state.shape
+    codes = unpack_bnb_cpu_layout(B.view(torch.uint8), N, K)
+    absmax = state.absmax.T.reshape(-1).float()      # repacking stored it (K/blocksize, N) in bf16
+    W = (state.code.float()[codes.long()].reshape(-1, state.blocksize) * absmax[:, None]).reshape(N, K)
+    y = (A.to(torch.bfloat16).float() @ W.to(torch.bfloat16).float().T).to(torch.bfloat16).to(A.dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+@contextlib.contextmanager
+def bnb_fused_cpu(emulate=None):
+    """Inside this block, Linear4bit layers made (or loaded) behave as on a CPU with AVX512-BF16:
+    they repack and take the fused path. On a CPU that has those instructions that is bitsandbytes'
+    own kernel; elsewhere (or with emulate=True) `_fused_cpu_gemv_emulated` computes it, since the
+    compiled kernel cannot run there. Use the layers inside the block only."""
+    import bitsandbytes.functional as bnbF
+    import bitsandbytes.nn.modules as bnb_modules
+    from .session import cpu_has_avx512_bf16
+    if emulate is None:
+        emulate = not cpu_has_avx512_bf16()
+    if not emulate:
+        yield "bitsandbytes' kernel"
+        return
+    saved = bnb_modules.has_avx512bf16, bnbF.gemv_4bit
+    bnb_modules.has_avx512bf16 = lambda: True
+    bnbF.gemv_4bit = _fused_cpu_gemv_emulated
+    try:
+        yield "emulated in torch"
+    finally:
+        bnb_modules.has_avx512bf16, bnbF.gemv_4bit = saved

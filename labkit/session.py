@@ -1,4 +1,6 @@
-"""The first cell of every chapter: seeds, device, the model setting, versions."""
+"""The first cell of every chapter: seeds, device, the model setting, versions; and what differs
+between the machines a learner brings (CPU kinds, GPUs, Colab)."""
+import logging
 import os
 import random
 
@@ -9,9 +11,70 @@ import torch
 # every chapter up.
 DEFAULT_MODEL = "smollm2"
 
+# Log lines that libraries print on some machines and not on others. Each says that an optional
+# fast path is missing, not that anything is wrong; labkit keeps them (`quieted_messages()`) instead
+# of letting them into a notebook's output, where they would differ from machine to machine.
+_MACHINE_NOISE = {
+    # bitsandbytes, on a CPU with AVX512-BF16: the optional `kernels` package (which would fetch a
+    # kernel from the Hugging Face hub) is missing; bitsandbytes uses its own compiled kernel.
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    # torch, a CUDA build on a machine without a GPU (a Colab CPU runtime), when a C++ extension is looked up.
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+_quieted = []
+
+
+class _MachineNoise(logging.Filter):
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        if record.getMessage().startswith(self.prefix):
+            _quieted.append(f"{record.name}: {record.getMessage()}")
+            return False
+        return True
+
+
+def quiet_machine_noise():
+    """Keep the machine-dependent log lines above out of notebook outputs (idempotent)."""
+    for name, prefix in _MACHINE_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _MachineNoise) for f in logger.filters):
+            logger.addFilter(_MachineNoise(prefix))
+
+
+def quieted_messages():
+    """The log lines quiet_machine_noise() kept out of sight in this process."""
+    return list(_quieted)
+
+
+def cpu_has_avx512_bf16():
+    """Whether this CPU has AVX512-BF16 instructions, as bitsandbytes asks its own library; on such
+    a CPU bitsandbytes computes 4-bit layers in inference through a fused bf16 kernel (chapter 5)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def amp_dtype(device):
+    """The autocast dtype for mixed precision on `device`: bf16 where the hardware has it, fp16 on
+    a GPU without it (a T4: torch reports bf16 there through emulation, which is slow, so that is
+    not counted), bf16 on a CPU (torch emulates it where the CPU lacks bf16 instructions)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16
+
 
 def setup(seed=0, show=True):
-    """Seed everything, pick the device and model; returns (device, model name)."""
+    """Seed everything, pick the device and model; returns (device, model name).
+
+    What it prints (versions, device, threads, CPU kind) differs from machine to machine: the
+    chapters keep this cell's output out of nbval's strict comparison."""
+    quiet_machine_noise()
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -24,7 +87,10 @@ def setup(seed=0, show=True):
     if show:
         import peft
         import transformers
-        gpu = f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""
+        if device.type == "cuda":
+            where = f"cuda ({torch.cuda.get_device_name()}, mixed precision in {amp_dtype(device)})"
+        else:
+            where = f"cpu, {torch.get_num_threads()} threads, AVX512-BF16: {'yes' if cpu_has_avx512_bf16() else 'no'}"
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
-        print(f"device: {device}{gpu}, {torch.get_num_threads()} CPU threads; model: {model}; seed {seed}")
+        print(f"device: {where}; model: {model}; seed {seed}")
     return device, model

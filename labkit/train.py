@@ -1,8 +1,9 @@
 """A small training loop that reads in one screen.
 
 AdamW on the parameters that require grad; optional warm-up and linear or cosine decay, gradient
-accumulation and clipping, evaluation every N steps, checkpoints to resume from; on CUDA, autocast
-in bf16, or in fp16 with a gradient scaler where bf16 is missing (the T4 of free Colab).
+accumulation and clipping, evaluation every N steps, checkpoints to resume from; batches are moved
+to the model's device; on CUDA, autocast in bf16, or in fp16 with a gradient scaler where bf16 is
+missing (the T4 of free Colab); on a CPU, bf16 autocast when asked for (amp=True).
 With the defaults it is plain AdamW at a constant learning rate, one batch per step.
 """
 import math
@@ -26,14 +27,38 @@ def lr_factor(step, steps, warmup=0, schedule="constant"):
     raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
 
 
-def _autocast(model, amp):
-    """(context, GradScaler or None) for the model's device: bf16 where supported, else fp16."""
-    device = next(model.parameters()).device
-    if device.type != "cuda" or amp is False:
+def input_device(model):
+    """Where a model's inputs must be: the device of its input embeddings (or first parameter)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def to_device(batch, device):
+    """A batch (dict of tensors) moved to `device`; other values are left as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device, amp=None):
+    """(context, GradScaler or None) for mixed precision on `device`.
+
+    amp=None: on CUDA, bf16 where the GPU has it, else fp16 with a gradient scaler (a T4); on a CPU,
+    none (fp32). amp=True: the same on CUDA, bf16 on a CPU (a real speed-up where the CPU has bf16
+    instructions, emulated and slower where it has not). "bf16" or "fp16" forces the dtype; False: none."""
+    from .session import amp_dtype
+    device = torch.device(device)
+    if amp is False or (amp is None and device.type != "cuda"):
         return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    if amp in (None, True):
+        dtype = amp_dtype(device)
+    elif amp in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    else:
+        raise ValueError(f"amp must be None, True, False, 'bf16' or 'fp16', got {amp!r}")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="constant", grad_accum=1,
@@ -56,14 +81,15 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
     history = [] if history is None else history
     start, losses = _resume(checkpoint, model, opt, sched, history)
-    autocast, scaler = _autocast(model, amp)
+    device = input_device(model)
+    amp_context, scaler = autocast(device, amp)
     model.train()
     bar = tqdm(range(start, steps), desc="training", disable=not progress)
     for step in bar:
         total = 0.0
         for _ in range(grad_accum):
-            batch = next(batches)
-            with autocast:
+            batch = to_device(next(batches), device)
+            with amp_context:
                 loss = model(**batch).loss / grad_accum   # mean over the unmasked tokens, per batch
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item()

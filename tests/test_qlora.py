@@ -4,6 +4,13 @@ Both sides start from the same weights; labkit quantizes them itself (byte-ident
 bitsandbytes, test_quant.py), then the same A and B are copied across. Tolerance (fp32): 1e-5
 on outputs and on the gradients of A and B. Without double quantization the dequantized weights
 are identical, so only the matmul's summation order can differ.
+
+bitsandbytes computes two ways on a CPU (chapter 5, ../shared/FACTS.md "Machines differ"): it
+dequantizes in the compute dtype, or, on a CPU with AVX512-BF16, repacks a layer at its first
+inference call and computes through a fused bf16 kernel from then on. The 1e-5 parity holds on
+the first path, which bnb_exact_on_cpu keeps on any CPU. The fused path is checked for what it
+is: the same control flow on every CPU with the kernel emulated, and bitsandbytes' real kernel
+where the CPU has the instructions, each within bf16 rounding (1e-2 of the largest logit).
 """
 import pytest
 import torch
@@ -13,6 +20,7 @@ import labkit as lk
 
 pytest.importorskip("bitsandbytes")
 TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_REL = 1e-2           # bf16 keeps 8 significant bits: 2^-8 = 0.4% per rounding
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -98,12 +106,11 @@ def test_whole_model_parity_with_transformers_bnb_and_peft(tmp_path, targets):
     torch.manual_seed(1)
     for _, m in lk.lora_layers(ours):
         m.lora_B.data.normal_(std=0.05)
-    theirs = lk.to_peft(ours, bnb_tiny_llama(tmp_path, double_quant=False))
-    import bitsandbytes as bnb
-    n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in theirs.modules())
-    assert n_4bit == 2 * 7                                     # every linear layer but the head is 4-bit there
+    theirs = lk.to_peft(ours, lk.qlora.bnb_exact_on_cpu(bnb_tiny_llama(tmp_path, double_quant=False)))
+    assert len(lk.qlora.bnb_4bit_layers(theirs)) == 2 * 7      # every linear layer but the head is 4-bit there
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     lo, po = ours(input_ids=x, labels=x), theirs(input_ids=x, labels=x)
+    assert lk.qlora.bnb_cpu_repacked(theirs) == []
     torch.testing.assert_close(lo.logits, po.logits, **TOL)
     lo.loss.backward()
     po.loss.backward()
@@ -117,7 +124,7 @@ def test_whole_model_parity_with_transformers_bnb_and_peft(tmp_path, targets):
 def test_double_quant_model_stays_close_to_bnb(tmp_path):
     lk.tiny_llama(seed=0).save_pretrained(tmp_path)
     ours = lk.quantize_model(lk.tiny_llama(seed=0), double_quant=True)
-    theirs = bnb_tiny_llama(tmp_path, double_quant=True)
+    theirs = lk.qlora.bnb_exact_on_cpu(bnb_tiny_llama(tmp_path, double_quant=True))
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, rtol=1e-3, atol=1e-3)
@@ -140,3 +147,68 @@ def test_quantize_model_errors():
         lk.quantize_model(lk.tiny_llama(), ["query"])
     with pytest.raises(TypeError, match="not an nn.Linear"):
         lk.quantize_model(lk.tiny_llama(), ["mlp"])
+
+
+@pytest.mark.parametrize("kernel", ["emulated", "bitsandbytes"])
+def test_the_fused_cpu_path_repacks_at_inference_and_rounds_to_bf16(tmp_path, kernel):
+    """bitsandbytes' own control flow with its fused kernel: emulated in torch on any CPU, real where
+    the CPU has AVX512-BF16. Logits stay within bf16 rounding of the fp32 result, and are not equal to it."""
+    if kernel == "bitsandbytes" and not lk.session.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never takes its fused path here, and its "
+                    "compiled kernel cannot run (the 'emulated' case checks the same control flow)")
+    lk.tiny_llama(seed=0).save_pretrained(tmp_path)
+    ours = lk.inject_qlora(lk.tiny_llama(seed=0), QKVO, r=4, alpha=8, double_quant=False)
+    torch.manual_seed(1)
+    for _, m in lk.lora_layers(ours):
+        m.lora_B.data.normal_(std=0.05)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with lk.qlora.bnb_fused_cpu(emulate=kernel == "emulated"):
+        theirs = lk.to_peft(ours, bnb_tiny_llama(tmp_path, double_quant=False))   # eval mode, as loaded
+        layers = lk.qlora.bnb_4bit_layers(theirs)
+        assert not any(m.training for _, m in layers) and lk.qlora.bnb_cpu_repacked(theirs) == []
+        lo, po = ours(input_ids=x, labels=x), theirs(input_ids=x, labels=x)
+        repacked = lk.qlora.bnb_cpu_repacked(theirs)
+        # repacked: the layers whose input needs no grad (q, k, v of layer 0 read the embeddings);
+        # after the first LoRA layer every input requires grad, and those layers stay as they were
+        assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in repacked
+        assert "base_model.model.model.layers.0.self_attn.o_proj.base_layer" not in repacked
+        diff = (lo.logits - po.logits).abs().max().item()
+        assert 1e-6 < diff <= BF16_REL * lo.logits.abs().max().item(), diff
+        theirs.train()                                       # training mode keeps the fused path
+        po = theirs(input_ids=x, labels=x)
+        assert lk.qlora.bnb_cpu_repacked(theirs) == repacked
+        assert abs(po.loss.item() - lo.loss.item()) <= BF16_REL * lo.loss.item()
+        po.loss.backward()
+        for A, B in lk.peft_lora_grads(theirs).values():
+            assert A is not None and B is not None and torch.isfinite(A).all() and torch.isfinite(B).all()
+
+
+def test_the_cpu_layout_holds_the_same_codes_as_the_packed_bytes():
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    with lk.qlora.bnb_fused_cpu(emulate=True):
+        l4 = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, compress_statistics=False,
+                               quant_type="nf4")
+        l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=False, blocksize=64).to("cpu")
+        packed = l4.weight.data.clone()
+        with torch.no_grad():
+            l4.eval()(torch.randn(2, 128))
+        assert l4.weight.quant_state.packing_format_for_cpu
+        codes = lk.qlora.unpack_bnb_cpu_layout(l4.weight.data, 64, 128)
+    flat = packed.reshape(-1)
+    expected = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(64, 128)    # high nibble first
+    assert torch.equal(codes, expected)
+    absmax = l4.weight.quant_state.absmax
+    assert absmax.dtype == torch.bfloat16 and absmax.shape == (128 // 64, 64)  # rounded and transposed
+
+
+def test_bnb_exact_on_cpu_refuses_a_layer_already_repacked(tmp_path):
+    lk.tiny_llama(seed=0).save_pretrained(tmp_path)
+    with lk.qlora.bnb_fused_cpu(emulate=True):
+        model = bnb_tiny_llama(tmp_path, double_quant=False)
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="already repacked"):
+            lk.qlora.bnb_exact_on_cpu(model)
