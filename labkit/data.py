@@ -1,8 +1,29 @@
 """The workbook's small data sets (see data/*/DATASHEET.md), loaded with their rows checked."""
 import json
+import os
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+def data_dir():
+    """The workbook's data/ folder, found however labkit was installed: $LABKIT_DATA if set; the
+    folder beside the labkit package (a clone, an editable install, Colab's clone); else the nearest
+    data/ above the working directory (a notebook run from a clone's notebooks/)."""
+    env = os.environ.get("LABKIT_DATA")
+    here = Path.cwd().resolve()
+    candidates = ([Path(env).expanduser()] if env else []) + [Path(__file__).resolve().parent.parent / "data"]
+    candidates += [p / "data" for p in (here, *here.parents)]
+    for folder in candidates:
+        if (folder / "people" / "train.jsonl").is_file():
+            return folder
+    raise DataError("the workbook's data/ folder was not found (looked in: "
+                    + ", ".join(str(c) for c in candidates[:3]) + ", ...). Run from a clone of the "
+                    "workbook, or set LABKIT_DATA to its data/ folder")
+
+
+def __getattr__(name):                    # lk.data.DATA_DIR, looked up when it is used
+    if name == "DATA_DIR":
+        return data_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DataError(ValueError):
@@ -36,12 +57,12 @@ def load_jsonl(path, required=("prompt", "response")):
 
 def load_task(name="people", splits=("train", "val", "test")):
     """{split: rows} for a task folder under data/."""
-    return {s: load_jsonl(DATA_DIR / name / f"{s}.jsonl") for s in splits}
+    return {s: load_jsonl(data_dir() / name / f"{s}.jsonl") for s in splits}
 
 
 def load_probe():
     """The forgetting probe's rows (data/probe/questions.jsonl): prompt and answer keyword(s)."""
-    return load_jsonl(DATA_DIR / "probe" / "questions.jsonl", required=("prompt", "answer"))
+    return load_jsonl(data_dir() / "probe" / "questions.jsonl", required=("prompt", "answer"))
 
 
 def exact_match(predictions, references):

@@ -17,7 +17,13 @@ QV = ["q_proj", "v_proj"]
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = list(LLAMA_LINEARS)
 TARGET_SETS = {"q,v": QV, "q,k,v,o": QKVO, "all": ALL}
-RESULTS = Path(__file__).resolve().parent.parent / "data" / "results" / "rank_lab.json"
+
+
+def __getattr__(name):                    # lab.RESULTS: the cache's path, found with the data folder
+    if name == "RESULTS":
+        from .data import data_dir
+        return data_dir() / "results" / "rank_lab.json"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def scaling(r, alpha, rslora=False):
@@ -107,9 +113,9 @@ def adapter_factors(model):
     return {name: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for name, m in lora_layers(model)}
 
 
-def load_results(path=RESULTS):
+def load_results(path=None):
     """The cached sweeps: {"settings": ..., "runs": {key: result}, "similarity": ...}."""
-    path = Path(path)
+    path = Path(path) if path is not None else __getattr__("RESULTS")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_rank_lab.py (about 55 min on 2 cores)")
     return json.loads(path.read_text())

