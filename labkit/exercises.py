@@ -233,11 +233,11 @@ def check_largest_batch(fn):
         if not done:
             return _todo("largest batch")
         model = prepare(load_model()[0], method)
-        fits = [b for b in range(1, 257) if predict_peak(model, b, seq, method)["total"] <= limit]
+        fits = [b for b in range(1, 257) if predict_peak(model, b, seq, method, foreach=False)["total"] <= limit]
         want = max(fits) if fits else 0
         assert got == want, (f"{method}, under {limit / 2**30:.1f} GiB at length {seq}: you gave {got}, expected "
-                             f"{want}. Use lk.memory.predict_peak(model, batch, {seq}, '{method}') on a model "
-                             f"prepared with lk.finetune.prepare(model, '{method}')")
+                             f"{want}. Use lk.memory.predict_peak(model, batch, {seq}, '{method}', foreach=False) (a CPU's "
+                             f"AdamW) on a model prepared with lk.finetune.prepare(model, '{method}')")
     return _ok("largest batch: activations grow with batch x length; full fine-tuning's fixed cost leaves less room")
 
 

@@ -11,7 +11,7 @@ from . import data, text
 from .lora import count_parameters, inject_lora, save_adapter
 from .memory import tracked_peak
 from .session import amp_dtype
-from .train import input_device, to_device, train
+from .train import autocast, input_device, to_device, train
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Learning rates for 12 steps of 8 examples on the people task: full fine-tuning and LoRA were tried
@@ -96,8 +96,12 @@ def timed_training(model, batches, steps, **train_kwargs):
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     batch = to_device(next(batches), device)
 
+    amp_context = autocast(device, train_kwargs.get("amp"))[0]      # measured as the run was trained
+
     def step():
-        model(**batch).loss.backward()
+        with amp_context:
+            loss = model(**batch).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -92,8 +92,8 @@ def subspace_similarity(A1, A2):
     they are orthogonal. Returns an (r1, r2) tensor."""
     if A1.dim() != 2 or A2.dim() != 2 or A1.shape[1] != A2.shape[1]:
         raise ValueError(f"A1 and A2 must be (r, d) with the same d, got {tuple(A1.shape)} and {tuple(A2.shape)}")
-    V1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh       # (r1, d), rows are directions
-    V2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh
+    V1 = torch.linalg.svd(A1.detach().cpu().double(), full_matrices=False).Vh   # (r1, d), rows are directions
+    V2 = torch.linalg.svd(A2.detach().cpu().double(), full_matrices=False).Vh
     overlap = (V1 @ V2.T) ** 2                                      # (r1, r2): squared cosines
     cum = overlap.cumsum(0).cumsum(1)                                # sum over the top-i and top-j
     i = torch.arange(1, A1.shape[0] + 1, dtype=torch.float64)[:, None]

@@ -124,6 +124,7 @@ def lowrank_explorer(model, layer=0, projection="q_proj", r=8):
             W = projection_weight(model, layer, projection)
             cache[layer, projection] = (W, lowrank.singular_values(W))
         W, S = cache[layer, projection]
+        W, S = W.cpu(), S.cpu()                            # the figure and the summary are drawn on the CPU
         s = lowrank_summary(W, min(r, len(S)), S)
         name = f"layer {layer} {projection}"
         return lowrank_text(s, name), lowrank_figure(s, name)

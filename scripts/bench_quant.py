@@ -18,18 +18,21 @@ from labkit import quant as q
 
 
 def median_time(fn, repeats):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()                                                        # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def kernels(size, repeats):
+def kernels(size, repeats, device):
     import bitsandbytes.functional as bnbF
-    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
+    w = (torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)
     rows = []
     for dq in (False, True):
         p_l, s_l = q.quantize_nf4(w, 64, double_quant=dq)
@@ -41,7 +44,7 @@ def kernels(size, repeats):
         td_b = median_time(lambda: bnbF.dequantize_4bit(p_b, s_b), repeats)
         label = "NF4 + double quant" if dq else "NF4"
         rows += [(f"quantize   {label}", tq_l, tq_b), (f"dequantize {label}", td_l, td_b)]
-    print(f"{size} x {size} fp32 matrix, blocksize 64, {repeats} repeats (median)")
+    print(f"{size} x {size} fp32 matrix on {device}, blocksize 64, {repeats} repeats (median)")
     print(f"{'':<32}{'labkit s':>10}{'bnb s':>10}{'labkit/bnb':>12}")
     for name, a, b in rows:
         print(f"{name:<32}{a:>10.4f}{b:>10.4f}{a / b:>12.2f}")
@@ -61,6 +64,6 @@ if __name__ == "__main__":
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    lk.setup(seed=0)
-    kernels(args.size, args.repeats)
+    device, _ = lk.setup(seed=0)
+    kernels(args.size, args.repeats, device)
     memory_table()

