@@ -96,13 +96,15 @@ def timed_training(model, batches, steps, **train_kwargs):
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     batch = to_device(next(batches), device)
 
-    amp_context = autocast(device, train_kwargs.get("amp"))[0]      # measured as the run was trained
+    amp_context, scaler = autocast(device, train_kwargs.get("amp"))   # measured as the run was trained
 
     def step():
         with amp_context:
             loss = model(**batch).loss
-        loss.backward()
-        opt.step()
+        (scaler.scale(loss) if scaler else loss).backward()
+        scaler.step(opt) if scaler else opt.step()          # fp16: a scaler skips a step with inf gradients
+        if scaler:
+            scaler.update()
         opt.zero_grad(set_to_none=True)
 
     model.train()

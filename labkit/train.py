@@ -75,6 +75,14 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
+    repacked = [n for n, m in model.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if repacked:
+        raise RuntimeError(
+            f"{len(repacked)} bitsandbytes 4-bit layers (e.g. {repacked[0]}) were repacked for bitsandbytes' CPU "
+            "inference kernel when the model ran under no_grad, and that kernel passes no gradient back: adapters "
+            "before them would not learn. Load the model again and call lk.qlora.bnb_exact_on_cpu(model) before "
+            "its first forward pass (chapter 5)")
     if grad_accum < 1 or steps < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got {steps} and {grad_accum}")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

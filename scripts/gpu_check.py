@@ -13,6 +13,8 @@ passes when the loss is finite and falls; the memory checks print the measured p
 lk.memory's prediction. A check that fails prints its error in the table; the others still run.
 """
 import argparse
+import gc
+import math
 import sys
 import tempfile
 import time
@@ -51,10 +53,17 @@ def config(kind, small):
 
 
 def random_model(ctx, kind="smollm2", dtype=torch.float32):
+    """Built directly in `dtype` on the device: a 7B model made in fp32 and then cast would need
+    40 GB of GPU memory on the way."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    with torch.device(ctx.device):
-        return LlamaForCausalLM(config(kind, ctx.small)).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(ctx.device):
+            return LlamaForCausalLM(config(kind, ctx.small)).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def fixed_batch(ctx, batch, seq, vocab):
@@ -79,27 +88,32 @@ def bnb_quantize(model, compute_dtype):
     """Every linear layer but the head as bitsandbytes' Linear4bit (NF4, double quantization), as
     from_pretrained(quantization_config=...) would make it, without writing the weights to disk."""
     import bitsandbytes as bnb
+    device = next(model.parameters()).device
     for name in lk.find_targets(model, "all-linear"):
         lin = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
                                   device="meta")
-        layer.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu" if lin.weight.is_cpu else lin.weight.device),
-                                         requires_grad=False, quant_type="nf4", compress_statistics=True,
-                                         module=layer)
-        layer = layer.to(lin.weight.device)               # quantizes here
+        layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=layer)
         if lin.bias is not None:
             layer.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-        lk.lora.replace_module(model, name, layer)
+        lk.lora.replace_module(model, name, layer.to(device))    # .to() quantizes
     model.requires_grad_(False)
-    if not torch.cuda.is_available():
+    model.is_loaded_in_4bit = True                        # peft then wraps the layers with its 4-bit LoRA
+    if device.type == "cpu":
         lk.qlora.bnb_exact_on_cpu(model)                 # the same path on every CPU (chapter 5)
     return model
 
 
 def peft_lora(model, r=8):
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO, lora_dropout=0.0))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO, lora_dropout=0.0))
+    if getattr(model, "is_loaded_in_4bit", False):       # peft's bitsandbytes LoRA layer, as from_pretrained gives
+        from peft.tuners.lora.bnb import Linear4bit as PeftLoRA4bit
+        q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, PeftLoRA4bit), type(q_proj)
+    return peft_model
 
 
 def train_steps(model, batch, amp, steps=4, lr=5e-3):
@@ -162,11 +176,10 @@ def _(ctx):
         unmerged = model(input_ids=prompt).logits
         lk.merge_lora(model)
         merged = model(input_ids=prompt).logits
-    outs = [model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False)]
-    outs.append(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16).generate(
-        input_ids=prompt, max_new_tokens=12, do_sample=False))
-    outs.append(peft_lora(bnb_quantize(random_model(ctx), torch.bfloat16)).generate(
-        input_ids=prompt, max_new_tokens=12, do_sample=False))
+    greedy = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)   # 12 tokens even if EOS comes
+    outs = [model.generate(input_ids=prompt, **greedy)]
+    outs.append(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16).generate(input_ids=prompt, **greedy))
+    outs.append(peft_lora(bnb_quantize(random_model(ctx), torch.bfloat16)).generate(input_ids=prompt, **greedy))
     diff = (merged - unmerged).abs().max().item()
     ok = diff < 1e-3 and all(o.shape == (1, 20) for o in outs)
     return ok, f"12 new tokens each; merged vs unmerged logits differ by {diff:.1e}"
@@ -185,8 +198,9 @@ def _(ctx):
     return ok, f"{optim}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {seconds / 4:.2f} s a step"
 
 
-def measured_peak(ctx, model, batch, amp=None):
-    """Peak bytes of a training step after the first (AdamW's states exist), as lk.memory predicts it."""
+def measured_peak(ctx, model, batch, amp=None, baseline=0):
+    """(peak bytes of a training step after the first, when AdamW's states exist, above `baseline`;
+    its loss), as lk.memory predicts it."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     context = lk.train.autocast(ctx.device, amp)[0]
     model.train()
@@ -197,22 +211,25 @@ def measured_peak(ctx, model, batch, amp=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.item()
 
     step()
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        step()
+        loss = step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return lk.memory.tracked_peak(step, model, opt)[1]["total"]
+        return torch.cuda.max_memory_allocated() - baseline, loss
+    loss, peak = lk.memory.tracked_peak(step, model, opt)
+    return peak["total"], loss
 
 
 @check("lk.memory.predict_peak against the measured peak (LoRA, fp32, batch 4 x 256)")
 def _(ctx):
+    baseline = clean_cuda(ctx)                          # what is still allocated from before
     model = lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16)
     batch = fixed_batch(ctx, 4, 256 if not ctx.small else 32, model.config.vocab_size)
-    measured = measured_peak(ctx, model, batch)
+    measured, _ = measured_peak(ctx, model, batch, baseline=baseline)
     predicted = lk.memory.predict_peak(model, *batch["input_ids"].shape, "lora", QKVO, 8,
                                        foreach=ctx.device.type == "cuda")["total"]
     ratio = predicted / measured
@@ -221,17 +238,17 @@ def _(ctx):
 
 @check("7B-shaped QLoRA step: bitsandbytes NF4 + peft LoRA r=8 q,k,v,o, gradient checkpointing, bf16, batch 1 x 512")
 def _(ctx):
+    baseline = clean_cuda(ctx)
     model = random_model(ctx, "7b", torch.bfloat16)
     cfg = model.config
     model = bnb_quantize(model, torch.bfloat16)
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
+    clean_cuda(ctx)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = peft_lora(model)
     batch = fixed_batch(ctx, 1, 512 if not ctx.small else 32, cfg.vocab_size)
     t0 = time.perf_counter()
-    measured = measured_peak(ctx, model, batch, amp="bf16")
+    measured, loss = measured_peak(ctx, model, batch, amp="bf16", baseline=baseline)
     seconds = (time.perf_counter() - t0) / 2
     n_params = sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for _, m in lk.qlora.bnb_4bit_layers(model)) - sum(
@@ -240,9 +257,19 @@ def _(ctx):
     weights = lk.memory.method_bill(n_params, lk.count_parameters(model)[0], "qlora",
                                     n_quantized=sum(m.in_features * m.out_features
                                                     for _, m in lk.qlora.bnb_4bit_layers(model)))
-    return True, (f"{n_params / 1e9:.2f}B parameters; measured peak {measured / 2**30:.2f} GiB, {seconds:.2f} s a step; "
+    return math.isfinite(loss), (f"loss {loss:.2f}; {n_params / 1e9:.2f}B parameters; measured peak {measured / 2**30:.2f} GiB, {seconds:.2f} s a step; "
                   f"lk.memory (fp32, no checkpointing) predicts {predicted / 2**30:.2f} GiB; "
                   f"weights + adapter states on paper {sum(weights.values()) / 2**30:.2f} GiB")
+
+
+def clean_cuda(ctx):
+    """Free what earlier checks left (bitsandbytes' layers and weights refer to each other, so only
+    a full collection frees them); returns the bytes still allocated."""
+    gc.collect()
+    if ctx.device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +307,7 @@ def main():
             traceback.print_exc(limit=3)
         rows.append((title, verdict, f"{time.perf_counter() - t0:.1f}", detail))
         print(f"[{verdict}] {title}: {detail}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        clean_cuda(ctx)
     print()
     print("| check | result | s | detail |")
     print("|---|---|---|---|")

@@ -35,13 +35,14 @@ python_for_setup() {
 
 setup_stamp() {
   # What a finished set-up depends on: when none of it changed, set-up has nothing to do.
-  { cat pyproject.toml scripts/workbook.sh; echo "extras ${LABKIT_EXTRAS-lab,test}"; } | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+  { cat pyproject.toml scripts/workbook.sh; echo "extras ${LABKIT_EXTRAS-lab,test} root $ROOT"; } | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
 }
 
 setup() {
   python_for_setup
   STAMP_FILE="$("$PY" -c 'import sys; print(sys.prefix)')/.labkit-setup"
-  if [ "$(cat "$STAMP_FILE" 2>/dev/null)" = "$(setup_stamp)" ] && "$PY" -c "import labkit" 2>/dev/null; then
+  # (the import is tried from / so that this folder's labkit/ cannot stand in for an installed one)
+  if [ "$(cat "$STAMP_FILE" 2>/dev/null)" = "$(setup_stamp)" ] && (cd / && "$PY" -c "import labkit") 2>/dev/null; then
     echo "== set-up already done for $PY (delete $STAMP_FILE to redo it)"
     "$PY" -c "import labkit; labkit.smollm2_path()"
     return
@@ -101,7 +102,7 @@ run_all() {
 cmd="${1:-lab}"
 case "$cmd" in
   setup)   setup ;;
-  lab)     setup; shift
+  lab)     setup; if [ $# -gt 0 ]; then shift; fi
            # JupyterLab refuses to start as root without --allow-root: Docker containers and many
            # cloud machines run as root. Extra arguments (--no-browser, --port, --ip) go to JupyterLab.
            ROOT_FLAG=""; [ "$(id -u)" -eq 0 ] && ROOT_FLAG="--allow-root"

@@ -55,6 +55,7 @@ def test_trains_under_bf16_autocast_with_fp32_trained_tensors(method):
     assert all(p.dtype == torch.float32 for p in _trained(model).values())
     ref_loss, ref_grads = _loss_and_grads(model, torch.enable_grad())
     loss, grads = _loss_and_grads(model, BF16)
+    assert loss != ref_loss                                    # autocast did change the arithmetic
     assert abs(loss - ref_loss) <= 5e-2 * ref_loss
     for n, g in grads.items():
         assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), n
@@ -103,17 +104,32 @@ def test_bnb_qlora_through_peft_under_bf16_autocast(tmp_path):
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
 
 
-def test_linear_nf4_keeps_its_constants_when_the_model_changes_dtype():
-    layer = lk.LinearNF4(nn.Linear(128, 64), double_quant=True)
+@pytest.mark.parametrize("double_quant", [False, True])   # fp32 absmax, or uint8 codes with fp32 constants
+@pytest.mark.parametrize("cast", ["to", "half", "to-meta"])
+def test_linear_nf4_keeps_its_constants_when_the_model_changes_dtype(double_quant, cast):
+    layer = lk.LinearNF4(nn.Linear(128, 64), double_quant=double_quant)
     W, consts = layer.weight, {n: b.clone() for n, b in layer.named_buffers()}
-    layer.to(torch.bfloat16)
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    {"to": lambda: layer.to(torch.bfloat16), "half": layer.half,
+     "to-meta": lambda: layer.to("meta", torch.bfloat16)}[cast]()
     for n, b in layer.named_buffers():
-        assert b.dtype == consts[n].dtype and torch.equal(b, consts[n]), n
-    assert layer.bias.dtype == torch.bfloat16                   # the bias follows, as in bitsandbytes
+        assert b.dtype == consts[n].dtype, n                    # float constants stay fp32
+        if cast == "to-meta":
+            assert b.device.type == "meta", n                   # device and dtype at once: moved, not cast
+        else:
+            assert torch.equal(b, consts[n]), n
+    assert layer.bias.dtype == dtype                            # the bias follows, as in bitsandbytes
+    if cast == "to-meta":
+        return
     torch.testing.assert_close(layer.weight, W, rtol=0, atol=0)  # the stored weight is unchanged
-    x = torch.randn(3, 128, dtype=torch.bfloat16)
-    assert layer(x).dtype == torch.bfloat16
-    layer.to("cpu")                                             # a move alone still works
+    x = torch.randn(3, 128, dtype=dtype)
+    assert layer(x).dtype == dtype
+    fresh = lk.LinearNF4(nn.Linear(128, 64), double_quant=double_quant).to(dtype)
+    fresh.load_state_dict(layer.state_dict())                   # a state dict round trip keeps it all
+    torch.testing.assert_close(fresh.weight, W, rtol=0, atol=0)
+
+
+def test_a_qlora_model_cast_to_bf16_computes_in_bf16():
     model = lk.inject_qlora(lk.tiny_llama(), QKVO, r=4, alpha=8).to(torch.bfloat16)
     assert model(input_ids=X).logits.dtype == torch.bfloat16
 

@@ -212,3 +212,42 @@ def test_bnb_exact_on_cpu_refuses_a_layer_already_repacked(tmp_path):
             model(input_ids=torch.zeros(1, 4, dtype=torch.long))
         with pytest.raises(RuntimeError, match="already repacked"):
             lk.qlora.bnb_exact_on_cpu(model)
+
+
+@pytest.mark.parametrize("kernel", ["emulated", "bitsandbytes"])
+def test_after_an_evaluation_the_fused_path_passes_no_gradient_back(tmp_path, kernel):
+    """The fused kernel has no backward. Evaluate a bitsandbytes model under no_grad on such a CPU,
+    then train LoRA on q and v: no gradient crosses o_proj, so every adapter gets exactly zero.
+    lk.train.train refuses such a model; bnb_exact_on_cpu before the first forward avoids it."""
+    if kernel == "bitsandbytes" and not lk.session.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never takes its fused path here, and its "
+                    "compiled kernel cannot run (the 'emulated' case checks the same control flow)")
+    from peft import LoraConfig, get_peft_model
+    lk.tiny_llama(seed=0).save_pretrained(tmp_path)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads(exact):
+        base = bnb_tiny_llama(tmp_path, double_quant=False)
+        if exact:
+            lk.qlora.bnb_exact_on_cpu(base)
+        with torch.no_grad():
+            base(input_ids=x)                                  # an evaluation first
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(std=0.05)
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        return model, [g for pair in lk.peft_lora_grads(model).values() for g in pair]
+
+    with lk.qlora.bnb_fused_cpu(emulate=kernel == "emulated"):
+        with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+            model, grads = lora_grads(exact=False)
+        assert len(lk.qlora.bnb_cpu_repacked(model)) == 2 * 7
+        assert len(grads) == 8 and all(g is None or torch.count_nonzero(g) == 0 for g in grads)   # none arrives
+        with pytest.raises(RuntimeError, match="repacked"):
+            lk.train.train(model, iter(lambda: {"input_ids": x, "labels": x}, None), steps=1, progress=False)
+        model, grads = lora_grads(exact=True)
+        assert lk.qlora.bnb_cpu_repacked(model) == []
+        assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads)

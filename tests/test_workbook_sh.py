@@ -20,12 +20,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_lab_command_serves_jupyterlab_on_loopback_and_stops(tmp_path):
+def _serve(tmp_path, args, extra_env=()):
+    """Run `workbook.sh lab ARGS` until JupyterLab answers on loopback, then stop it: (answer, log)."""
     port = _free_port()
-    env = {**os.environ, "LABKIT_VENV": sys.prefix, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LABKIT_SYSTEM_PYTHON", "COLAB_RELEASE_TAG")}
+    env.update({"LABKIT_VENV": sys.prefix, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_PORT": str(port),
+                "BROWSER": "true"}, **dict(extra_env))       # BROWSER: "open" a page with /bin/true
     log = open(tmp_path / "lab.log", "w")
-    proc = subprocess.Popen(["bash", "scripts/workbook.sh", "lab", "--no-browser", "--ip", "127.0.0.1",
-                             "--port", str(port), "--ServerApp.port_retries=0"],
+    proc = subprocess.Popen(["bash", "scripts/workbook.sh", *[a.replace("PORT", str(port)) for a in args]],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, answer = time.time() + 240, None
@@ -36,10 +38,6 @@ def test_lab_command_serves_jupyterlab_on_loopback_and_stops(tmp_path):
                 break
             except OSError:
                 time.sleep(1)
-        out = (tmp_path / "lab.log").read_text()
-        assert answer is not None, f"JupyterLab did not answer on port {port} (exit {proc.poll()}):\n{out[-3000:]}"
-        assert "version" in answer
-        assert "Running as root is not recommended" not in out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -47,4 +45,17 @@ def test_lab_command_serves_jupyterlab_on_loopback_and_stops(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.poll() is not None
+    return answer, (tmp_path / "lab.log").read_text()
+
+
+def test_lab_command_passes_jupyterlabs_arguments_and_starts_as_root(tmp_path):
+    answer, out = _serve(tmp_path, ["lab", "--no-browser", "--ip", "127.0.0.1", "--port", "PORT",
+                                    "--ServerApp.port_retries=0"], {"JUPYTER_PORT": "1"})   # --port must win
+    assert answer is not None and "version" in answer, out[-3000:]
+    assert "Running as root is not recommended" not in out
+
+
+def test_the_bare_command_opens_the_workbook(tmp_path):
+    """`bash scripts/workbook.sh` with no argument means `lab`: the README's first command."""
+    answer, out = _serve(tmp_path, [])
+    assert answer is not None and "version" in answer, out[-3000:]
