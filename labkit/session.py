@@ -65,7 +65,11 @@ def amp_dtype(device):
     not counted), bf16 on a CPU (torch emulates it where the CPU lacks bf16 instructions)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        try:
+            real_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:                    # an older torch without the argument: ask the hardware (Ampere+)
+            real_bf16 = torch.cuda.get_device_capability()[0] >= 8
+        return torch.bfloat16 if real_bf16 else torch.float16
     return torch.bfloat16
 
 
