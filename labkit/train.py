@@ -7,6 +7,7 @@ missing (the T4 of free Colab); on a CPU, bf16 autocast when asked for (amp=True
 With the defaults it is plain AdamW at a constant learning rate, one batch per step.
 """
 import math
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -75,8 +76,8 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
-    repacked = [n for n, m in model.named_modules()
-                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    from .qlora import bnb_cpu_repacked
+    repacked = bnb_cpu_repacked(model) if "bitsandbytes" in sys.modules else []   # no Linear4bit without it
     if repacked:
         raise RuntimeError(
             f"{len(repacked)} bitsandbytes 4-bit layers (e.g. {repacked[0]}) were repacked for bitsandbytes' CPU "
