@@ -278,6 +278,27 @@ def check_ia3_params(fn):
     return _ok("IA3: 2 x kv_heads x head_dim + intermediate_size per layer")
 
 
+def check_prompt_params(fn):
+    """fn(config, n, kind) -> trainable parameters of a prompt method with n virtual tokens:
+    kind "prompt_tuning" (input embeddings), "ptuning_v2" (keys and values of every layer) or
+    "prefix" (an n x kv-width table and a 2-layer MLP of width 64 that makes those keys and values)."""
+    from .models import tiny_llama
+    from .prompts import PromptModel
+    for kv_heads, layers, n in ((2, 2, 4), (4, 3, 8), (1, 2, 16)):
+        config_model = tiny_llama(num_key_value_heads=kv_heads, num_hidden_layers=layers)
+        for kind in ("prompt_tuning", "ptuning_v2", "prefix"):
+            done, got = _attempt(fn, config_model.config, n, kind)
+            if not done:
+                return _todo("prompt method parameters")
+            want = count_parameters(PromptModel(config_model, kind, n, init="zero"))[0]
+            assert got == want, (f"{kind}, {n} virtual tokens, {layers} layers, {kv_heads} key/value heads: you gave "
+                                 f"{got}, expected {want}. Prompt tuning learns n x hidden_size; the prefix methods "
+                                 "learn keys and values (num_key_value_heads x head_dim each) in every layer; prefix "
+                                 "tuning makes them with embedding (n x kv width) -> Linear(kv width, 64) -> tanh -> "
+                                 "Linear(64, layers x 2 x kv width), biases included")
+    return _ok("prompt tuning n*d; P-Tuning v2 n*L*2*kv; prefix tuning n*kv + (kv*64 + 64) + (64*L*2*kv + L*2*kv)")
+
+
 # Chapter 7 ----------------------------------------------------------------------------------
 
 def check_lora_params(fn):

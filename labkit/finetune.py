@@ -14,25 +14,44 @@ from .session import amp_dtype
 from .train import autocast, input_device, to_device, train
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Learning rates for 12 steps of 8 examples on the people task: full fine-tuning and LoRA were tried
-# in chapter 6; the others are the usual ranges of their papers (prompts and IA3's vectors need larger
-# ones). AdaLoRA learned nothing in 12 steps at LoRA's 2e-3 (exact match 0%, data/results/README.md):
-# its update is a product of three factors, one starting at zero, so it grows slowly at first.
+# The learning rate each method trains with by default: the best of a small search per method
+# (12 steps of 8 examples on the people task, picked on the validation set), made by
+# scripts/run_peft_family.py and kept with every run's scores in data/results/peft_family.json.
 LEARNING_RATES = {"full": 5e-5, "lora": 2e-3, "qlora": 2e-3, "dora": 2e-3, "adalora": 1e-2, "ia3": 1e-2,
-                  "serial_adapter": 1e-3, "parallel_adapter": 1e-3, "prefix": 1e-2, "ptuning_v2": 1e-2}
+                  "serial_adapter": 1e-3, "parallel_adapter": 1e-3, "parallel_ffn_s4": 1e-3, "prefix": 1e-2,
+                  "ptuning_v2": 1e-2, "prompt_tuning": 1e-2}
 METHODS = tuple(LEARNING_RATES)
-FROM_SCRATCH = ("full", "lora", "qlora", "ia3", "serial_adapter", "parallel_adapter")     # the rest via peft
+# The search: three rates per method on a half-decade grid around its papers' usual range; the
+# script adds a point beyond an edge whenever the best rate sits on that edge.
+# Prefix tuning's grid is lower than P-Tuning v2's: its MLP multiplies each step (a 2-step pilot
+# from text init reached validation loss 0.16 at 3e-3 and 6.2 at 1e-2).
+LR_GRID = {"full": [2e-5, 5e-5, 1e-4], "lora": [1e-3, 2e-3, 5e-3], "qlora": [1e-3, 2e-3, 5e-3],
+           "dora": [1e-3, 2e-3, 5e-3], "adalora": [5e-3, 1e-2, 2e-2], "ia3": [3e-3, 1e-2, 3e-2],
+           "serial_adapter": [3e-4, 1e-3, 3e-3], "parallel_adapter": [1e-3, 3e-3, 1e-2],
+           "parallel_ffn_s4": [3e-4, 1e-3, 3e-3], "prefix": [3e-4, 1e-3, 3e-3],
+           "ptuning_v2": [1e-2, 3e-2, 1e-1], "prompt_tuning": [3e-3, 1e-2, 3e-2]}
+FROM_SCRATCH = ("full", "lora", "qlora", "ia3", "serial_adapter", "parallel_adapter", "parallel_ffn_s4",
+                "prefix", "ptuning_v2", "prompt_tuning")                    # the rest via peft
+PROMPT_METHODS = ("prefix", "ptuning_v2", "prompt_tuning")
+# What the prompt methods' virtual tokens start as (init="text"): the model's own embeddings, or
+# keys and values, of this text (9 tokens, repeated to fill 16 virtual tokens)
+INIT_TEXT = "Extract the person from the text as JSON."
 
 
-def prepare(model, method, targets=QKVO, r=8, alpha=16, steps=12, virtual_tokens=16, bottleneck=16):
+def prepare(model, method, targets=QKVO, r=8, alpha=16, steps=12, virtual_tokens=16, bottleneck=16, tok=None,
+            prompt_init="text"):
     """Make `model` trainable by `method`; returns the model to train (peft methods wrap it).
 
     labkit's own: "full" (every weight), "lora", "qlora" (NF4 base + LoRA), "ia3" (rescaling
     vectors on keys, values and the MLP), "serial_adapter" and "parallel_adapter" (bottleneck
-    adapters on each layer's o_proj and MLP). Through peft: "dora" (LoRA with a learned magnitude),
-    "adalora" (rank r on average, starting from 1.5 r and pruned over `steps`), "prefix"
-    (prefix tuning: `virtual_tokens` key/value prefixes at every layer made by an MLP) and
-    "ptuning_v2" (the same deep prompts learned directly, without the MLP)."""
+    adapters on each layer's o_proj and MLP), "parallel_ffn_s4" (He et al.'s best setting: one
+    parallel adapter beside each MLP, scale 4, twice as wide so that it trains as many
+    parameters), and the prompt methods with `virtual_tokens` virtual tokens (lk.prompts):
+    "prefix" (prefix tuning, an MLP makes every layer's keys and values), "ptuning_v2" (the same,
+    learned directly) and "prompt_tuning" (input embeddings). They start as `prompt_init` says
+    ("text": from INIT_TEXT, which needs `tok`; "zero"; "random").
+    Through peft: "dora" (LoRA with a learned magnitude) and "adalora" (rank r on average, starting
+    from 1.5 r, pruned after the first quarter of `steps` and fixed for the last quarter)."""
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -48,18 +67,21 @@ def prepare(model, method, targets=QKVO, r=8, alpha=16, steps=12, virtual_tokens
     if method in ("serial_adapter", "parallel_adapter"):
         from .adapters import inject_adapters
         return inject_adapters(model, method.split("_")[0], bottleneck=bottleneck)
-    if method in ("dora", "adalora", "prefix", "ptuning_v2"):
-        from peft import AdaLoraConfig, LoraConfig, PrefixTuningConfig, get_peft_model
-        config = {
-            "dora": lambda: LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=True),
-            "adalora": lambda: AdaLoraConfig(init_r=r + r // 2, target_r=r, lora_alpha=alpha, target_modules=targets,
-                                             total_step=steps, tinit=max(1, steps // 6), tfinal=max(1, steps // 6),
-                                             deltaT=1, lora_dropout=0.0, task_type="CAUSAL_LM"),
-            "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=virtual_tokens, prefix_projection=True,
-                                                 encoder_hidden_size=64, task_type="CAUSAL_LM"),
-            "ptuning_v2": lambda: PrefixTuningConfig(num_virtual_tokens=virtual_tokens, prefix_projection=False,
-                                                     task_type="CAUSAL_LM"),
-        }[method]()
+    if method == "parallel_ffn_s4":
+        from .adapters import inject_adapters
+        return inject_adapters(model, "parallel", bottleneck=2 * bottleneck, scale=4.0, targets=("mlp",))
+    if method in PROMPT_METHODS:
+        from .prompts import PromptModel
+        kind = "prompt_tuning" if method == "prompt_tuning" else method
+        return PromptModel(model, kind, virtual_tokens, init=prompt_init, tok=tok, text=INIT_TEXT)
+    if method in ("dora", "adalora"):
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+        if method == "dora":
+            config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=True)
+        else:
+            config = AdaLoraConfig(init_r=r + r // 2, target_r=r, lora_alpha=alpha, target_modules=targets,
+                                   total_step=steps, tinit=max(1, steps // 4), tfinal=max(1, steps // 4),
+                                   deltaT=1, lora_dropout=0.0, task_type="CAUSAL_LM")
         return get_peft_model(model, config)
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
@@ -80,7 +102,7 @@ def adalora_ranks(model):
             for name, mask in pattern.items()}
 
 
-def timed_training(model, batches, steps, **train_kwargs):
+def timed_training(model, batches, steps, measure_peak=True, **train_kwargs):
     """train() with a stopwatch, then one more step under PyTorch's MemTracker to measure peak
     memory: {losses, s_per_step, peak_bytes}. The extra step runs AdamW at learning rate 0, so
     it changes no weight; its peak is that of any step of the run (the states exist at its end).
@@ -92,6 +114,9 @@ def timed_training(model, batches, steps, **train_kwargs):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / steps
+    if not measure_peak:
+        model.eval()
+        return {"losses": losses, "s_per_step": seconds, "peak_bytes": None}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     batch = to_device(next(batches), device)
@@ -129,8 +154,11 @@ def checkpoint_bytes(model, method):
     from safetensors.torch import save_file, save_model
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "checkpoint.safetensors")
+        from .prompts import PromptModel
         if method == "full":
             save_model(model, path)
+        elif isinstance(model, PromptModel):         # what inference needs: the virtual tokens themselves
+            save_file({"virtual_tokens": model.prompt().detach().contiguous()}, path)
         elif method in ("lora", "qlora"):
             save_adapter(model, path)
         else:
@@ -139,34 +167,78 @@ def checkpoint_bytes(model, method):
 
 
 def run(method, rows=None, probe=None, name="smollm2", steps=12, lr=None, batch_size=8, seed=0, device="cpu",
-        targets=QKVO, r=8, alpha=16, model=None, tok=None, progress=True, latency=False, **train_kwargs):
+        targets=QKVO, r=8, alpha=16, model=None, tok=None, progress=True, latency=False, scoring="full",
+        validate=False, measure_peak=True, **train_kwargs):
     """Fine-tune SmolLM2 (or `model`) with `method` for `steps` steps of `batch_size` examples and
-    return one row: trainable parameters, peak memory, time per step, scores, checkpoint size,
-    the losses, and the trained model and tokenizer (row["model"], row["tok"]). With `latency`,
-    also milliseconds per generated token (batch 1, as trained: adapters unmerged). Other keyword
-    arguments go to train() (warmup, schedule, eval_fn, eval_every, history, amp, ...)."""
+    return one row: trainable parameters, peak memory, time per step, the losses (the task's), scores
+    and the trained model and tokenizer (row["model"], row["tok"]). `scoring="full"`: held-out test
+    set, probe and checkpoint size (see finish()); "val": only the validation loss (a learning-rate
+    search; finish() adds the rest later). `validate`: the validation set's loss and exact match too. With `latency`, also milliseconds per
+    generated token (batch 1, as trained: adapters unmerged, prompt methods through labkit's
+    decoder). Other keyword arguments go to train() (warmup, schedule, eval_fn, history, amp, ...)."""
     from .models import load_model
     rows = data.load_task("people") if rows is None else rows
-    probe = data.load_probe() if probe is None else probe
     if model is None:
         model, tok = load_model(name, device=device)
     torch.manual_seed(seed)
-    model = prepare(model, method, targets, r, alpha, steps=steps)
+    model = prepare(model, method, targets, r, alpha, steps=steps, tok=tok)
     trainable, total = count_parameters(model)
     lr = LEARNING_RATES[method] if lr is None else lr
+    task_losses = _record_task_loss(model) if method == "adalora" else None
     fit = timed_training(model, text.batches(tok, rows["train"], batch_size, seed=seed), steps, lr=lr,
-                         progress=progress, after_step=after_step_hook(model, method), **train_kwargs)
+                         progress=progress, after_step=after_step_hook(model, method), measure_peak=measure_peak,
+                         **train_kwargs)
+    row = {"method": method, "lr": lr, "seed": seed, "trainable": trainable, "total": total,
+           "trainable_pct": 100 * trainable / total, "s_per_step": fit["s_per_step"], "losses": fit["losses"],
+           "peak_mib": fit["peak_bytes"] / 2**20 if measure_peak else None,
+           "val_loss": text.answer_loss(model, tok, rows["val"]) if validate or scoring == "val" else None,
+           "ranks": adalora_ranks(model) if method == "adalora" else None, "model": model, "tok": tok}
+    if task_losses is not None:               # what train() logged includes AdaLoRA's regulariser
+        row["losses_with_regulariser"], row["losses"] = row["losses"], task_losses[:steps]
+    if scoring == "full":
+        finish(row, rows, probe, latency, validate)
+    elif scoring != "val":
+        raise ValueError(f"scoring must be 'full' or 'val', got {scoring!r}")
+    return row
+
+
+def finish(row, rows=None, probe=None, latency=False, validate=False):
+    """Add to a run() row what its trained model scores: exact match, per-field accuracy and loss
+    on the test set, the probe, the checkpoint size, (`latency`) milliseconds per generated token
+    and (`validate`) the validation set's exact match."""
+    model, tok = row["model"], row["tok"]
+    rows = data.load_task("people") if rows is None else rows
+    probe = data.load_probe() if probe is None else probe
     scores = score(model, tok, rows["test"], probe)
-    # model.generate drops peft's prefixes (see text.generate), so it would time the base model
-    ms = (1000 * latency_per_token(model, tok, rows["test"][0]["prompt"])
-          if latency and not text._is_prompt_learning(model) else None)
-    ranks = adalora_ranks(model) if method == "adalora" else None
-    return {"method": method, "trainable": trainable, "total": total, "trainable_pct": 100 * trainable / total,
-            "peak_mib": fit["peak_bytes"] / 2**20, "s_per_step": fit["s_per_step"],
-            "exact_match": scores["exact_match"], "fields": scores["fields"], "test_loss": scores["loss"],
-            "probe": scores["probe"], "checkpoint_mib": checkpoint_bytes(model, method) / 2**20,
-            "ms_per_token": ms, "ranks": ranks, "losses": fit["losses"], "answers": scores["answers"],
-            "model": model, "tok": tok}
+    row.update(exact_match=scores["exact_match"], fields=scores["fields"], test_loss=scores["loss"],
+               probe=scores["probe"], answers=scores["answers"],
+               checkpoint_mib=checkpoint_bytes(model, row["method"]) / 2**20,
+               ms_per_token=1000 * latency_per_token(model, tok, rows["test"][0]["prompt"]) if latency else None)
+    if validate:
+        row["val_exact_match"] = exact_match_only(model, tok, rows["val"])
+    return row
+
+
+def exact_match_only(model, tok, rows, batch_size=64):
+    answers = text.generate(model, tok, [r["prompt"] for r in rows], batch_size=batch_size)
+    return data.exact_match(answers, [r["response"] for r in rows])
+
+
+def _record_task_loss(model):
+    """A list that fills with the task loss of each training forward pass of a peft AdaLoRA model:
+    the cross-entropy of its logits, without the orthogonality regulariser that AdaLoraModel.forward
+    adds to the loss it returns (and that train() logs)."""
+    losses = []
+    inner = model.base_model.model                      # the transformers model and its loss function
+
+    def hook(module, args, kwargs, output):
+        if module.training and kwargs.get("labels") is not None:
+            loss = inner.loss_function(logits=output.logits, labels=kwargs["labels"],
+                                       vocab_size=inner.config.vocab_size)
+            losses.append(loss.item())
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    return losses
 
 
 def compare(methods, on_row=None, **kwargs):
@@ -182,6 +254,32 @@ def compare(methods, on_row=None, **kwargs):
         if on_row is not None:
             on_row(row)
     return rows
+
+
+def seed_summary(runs, best_lr):
+    """One row per method from a cache of runs (scripts/run_peft_family.py): its runs at its best
+    learning rate, the mean and spread over their seeds of the scores and times, and the figures
+    measured once (peak memory, latency: from whichever run measured them). A method whose best
+    run is not scored yet (an interrupted cache) is left out."""
+    import statistics
+    out = []
+    for method in METHODS:
+        if method not in best_lr:
+            continue
+        rs = sorted((r for r in runs if r["method"] == method and r["lr"] == best_lr[method] and "exact_match" in r),
+                    key=lambda r: r["seed"])
+        if not rs:
+            continue                                  # searched, but its best run not yet scored
+        em = [r["exact_match"] for r in rs]
+        once = lambda key: next((r[key] for r in rs if r.get(key) is not None), None)
+        out.append({"method": method, "lr": best_lr[method], "seeds": [r["seed"] for r in rs],
+                    "exact_match": statistics.mean(em), "em_sd": statistics.stdev(em) if len(em) > 1 else 0.0,
+                    "em_min": min(em), "em_max": max(em), "probe": statistics.mean(r["probe"] for r in rs),
+                    "trainable": rs[0]["trainable"], "trainable_pct": rs[0]["trainable_pct"],
+                    "peak_mib": once("peak_mib"), "s_per_step": statistics.mean(r["s_per_step"] for r in rs),
+                    "checkpoint_mib": rs[0]["checkpoint_mib"], "ms_per_token": once("ms_per_token"),
+                    "val_loss": rs[0]["val_loss"]})
+    return out
 
 
 COLUMNS = [("method", "{:<16}"), ("trainable", "{:>12,}"), ("trainable_pct", "{:>8.2f}"), ("exact_match", "{:>7.0%}"),
@@ -204,7 +302,9 @@ def table(rows, show=True):
 
 @torch.no_grad()
 def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
-    """Seconds per generated token, greedy, batch 1 (the best of `repeats`; exactly `new_tokens` made)."""
+    """Seconds per generated token, greedy, batch 1 (the best of `repeats`; exactly `new_tokens` made).
+    A prompt method (lk.prompts.PromptModel) is timed through labkit's decoder, with its prefix."""
+    from .prompts import PromptModel, greedy
     model.eval()
     device = next(model.parameters()).device
     enc = tok(text.chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False).to(device)
@@ -213,8 +313,11 @@ def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+        if isinstance(model, PromptModel):
+            greedy(model, tok, [prompt], max_new_tokens=new_tokens, stop_at_eos=False)
+        else:
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)

@@ -51,41 +51,14 @@ def _is_prompt_learning(model):
 
 
 @torch.no_grad()
-def _greedy_one_by_one(model, tok, prompts, max_new_tokens, use_cache=True):
-    """Greedy decoding by plain forward passes, one prompt at a time, so that the model sees
-    exactly what training showed it. For peft's prefix tuning and P-Tuning v2, whose prefixes
-    `model.generate` drops (peft 0.21 with transformers 5: the answers come out as the base
-    model's; the forward pass, and so training, is unaffected). The first pass goes through the
-    peft model (prefix + prompt into the KV cache); later tokens go to the base model with that
-    cache, or (use_cache=False) through the peft model again over the whole sequence."""
-    device = next(model.parameters()).device
-    answers = []
-    for prompt in prompts:
-        ids = tok(chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=use_cache)
-        new = []
-        for _ in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            new.append(nxt.item())
-            if new[-1] == tok.eos_token_id:
-                break
-            if use_cache:
-                cache = out.past_key_values
-                mask = torch.ones((1, cache.get_seq_length() + 1), dtype=torch.long, device=device)
-                out = model.get_base_model()(input_ids=nxt, past_key_values=cache, attention_mask=mask, use_cache=True)
-            else:
-                ids = torch.cat([ids, nxt], dim=1)
-                out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        answers.append(tok.decode(new, skip_special_tokens=True))
-    return answers
-
-
-@torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
     """Greedy answers to a list of user prompts, in batches (left-padded), as strings."""
     model.eval()
-    if _is_prompt_learning(model):
-        return [a.strip() for a in _greedy_one_by_one(model, tok, prompts, max_new_tokens)]
+    from .prompts import PromptModel, from_peft, greedy
+    if _is_prompt_learning(model):           # peft's generate drops prefixes here (tests/test_prompts.py)
+        model = from_peft(model)
+    if isinstance(model, PromptModel):
+        return greedy(model, tok, prompts, max_new_tokens, batch_size)
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
     answers = []

@@ -96,6 +96,19 @@ def test_chapter8_checkers(capsys):
     with pytest.raises(AssertionError, match="grouped-query"):
         ex.check_ia3_params(lambda c: c.num_hidden_layers * (2 * c.hidden_size + c.intermediate_size))
 
+    def prompt_params(c, n, kind, hidden=64):
+        kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+        out = c.num_hidden_layers * 2 * kv
+        return {"prompt_tuning": n * c.hidden_size, "ptuning_v2": n * out,
+                "prefix": n * kv + kv * hidden + hidden + hidden * out + out}[kind]
+    ex.check_prompt_params(prompt_params)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="ptuning_v2"):               # keys and values at full width
+        ex.check_prompt_params(lambda c, n, k: prompt_params(c, n, k) if k != "ptuning_v2"
+                               else n * c.num_hidden_layers * 2 * c.hidden_size)
+    ex.check_prompt_params(todo)
+    assert "not attempted" in capsys.readouterr().out
+
 
 def test_chapter7_checkers(capsys):
     import torch

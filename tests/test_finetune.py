@@ -157,7 +157,7 @@ def stream(vocab=256, B=2, T=10):
 def test_every_method_trains_only_its_own_parameters(method):
     model = lk.tiny_llama()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model = finetune.prepare(model, method, steps=4)
+    model = finetune.prepare(model, method, steps=4, prompt_init="zero")       # text init needs a tokenizer
     trainable, total = lk.count_parameters(model)
     assert 0 < trainable <= total
     if method != "full":
@@ -181,23 +181,36 @@ def test_adalora_spreads_its_rank_budget():
     assert all(0 <= r <= 6 for r in ranks.values())                     # at most init_r = 1.5 r
 
 
-@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
-def test_prompt_methods_generate_with_their_prefix(tok, method):
-    """peft's generate drops the prefixes here; labkit's loop must use them, and its KV-cached
-    path must equal the plain one that re-reads the whole sequence."""
-    torch.manual_seed(0)
-    model = finetune.prepare(tiny_for(tok), method)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 1.0)
-    prompts = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima."]
-    got = text.generate(model, tok, prompts, max_new_tokens=12)
-    plain = text._greedy_one_by_one(model, tok, prompts, 12, use_cache=False)
-    assert got == [a.strip() for a in plain]
-    ids = tok(prompts[0], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        with_prefix = model(input_ids=ids).logits
-        with model.disable_adapter():
-            without = model(input_ids=ids).logits
-    assert not torch.allclose(with_prefix, without)                  # the prefix is really there
+def test_adalora_rows_report_the_task_loss_apart_from_the_regulariser():
+    """peft adds AdaLoRA's orthogonality regulariser to the loss it returns; run() reports the
+    task's cross-entropy, recorded before that, and keeps the sum apart."""
+    model = finetune.prepare(lk.tiny_llama(), "adalora", r=4, steps=4)
+    task = finetune._record_task_loss(model)
+    logged = lk.train.train(model, stream(), 4, lr=1e-2, progress=False,
+                            after_step=finetune.after_step_hook(model, "adalora"))
+    assert len(task) == 4
+    weight = model.peft_config["default"].orth_reg_weight
+    for t, total in zip(task, logged):
+        assert 0 < total - t < weight * 10                              # a positive regulariser, weighted
+
+
+def test_he_et_al_parallel_adapter_sits_beside_each_mlp_at_scale_4():
+    model = finetune.prepare(lk.tiny_llama(), "parallel_ffn_s4", bottleneck=4)
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, lk.adapters.ParallelAdapter)]
+    assert [n for n, _ in wrapped] == [f"model.layers.{l}.mlp" for l in range(2)]
+    assert all(m.scale == 4.0 and m.adapter.down.out_features == 8 for _, m in wrapped)
+
+
+def test_seed_summary_takes_the_best_rate_and_averages_its_seeds():
+    def run(method, lr, seed, em, **kw):
+        return {"method": method, "lr": lr, "seed": seed, "exact_match": em, "probe": 0.5, "trainable": 10,
+                "trainable_pct": 1.0, "s_per_step": 2.0, "checkpoint_mib": 0.1, "val_loss": 0.2,
+                "peak_mib": kw.get("peak"), "ms_per_token": kw.get("ms")}
+    runs = [run("lora", 1e-3, 0, 0.2), run("lora", 2e-3, 0, 0.9), run("lora", 2e-3, 1, 0.8, peak=100, ms=5.0),
+            run("lora", 2e-3, 2, 1.0), {"method": "ia3", "lr": 1e-2, "seed": 0, "val_loss": 0.3}]  # ia3: not scored
+    rows = finetune.seed_summary(runs, {"lora": 2e-3, "ia3": 1e-2})
+    lora = rows[0]
+    assert lora["method"] == "lora" and lora["seeds"] == [0, 1, 2]
+    assert lora["exact_match"] == pytest.approx(0.9) and lora["em_sd"] == pytest.approx(0.1)
+    assert (lora["em_min"], lora["em_max"], lora["peak_mib"], lora["ms_per_token"]) == (0.8, 1.0, 100, 5.0)
+    assert [r["method"] for r in finetune.seed_summary(runs, {"ia3": 1e-2, "lora": 2e-3})] == ["lora"]
