@@ -124,12 +124,17 @@ class PromptModel(nn.Module):
         kv = kv.permute(1, 2, 3, 0, 4).unsqueeze(2).expand(-1, -1, batch_size, -1, -1, -1)  # L, 2, B, H, n, hd
         return DynamicCache([(kv[l, 0], kv[l, 1]) for l in range(self.layers)])
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, use_cache=False, **kwargs):
+        """The wrapped model's forward with the virtual tokens in front. `position_ids`, if given, number
+        the real tokens as the wrapped model would (from 0); they are moved after the n virtual tokens,
+        as peft does. Other keyword arguments (e.g. logits_to_keep) go to the wrapped model."""
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([torch.ones(B, self.n, dtype=attention_mask.dtype, device=device), attention_mask], 1)
+        if position_ids is not None:
+            position_ids = position_ids + self.n
         if self.kind == "prompt_tuning":
             embeds = self.model.get_input_embeddings()(input_ids)
             prompt = self.prompt().to(embeds.dtype).unsqueeze(0).expand(B, -1, -1)
@@ -138,10 +143,10 @@ class PromptModel(nn.Module):
             if position_ids is not None:       # the virtual tokens take positions 0..n-1
                 position_ids = torch.cat([torch.arange(self.n, device=device).expand(B, -1), position_ids], 1)
             return self.model(inputs_embeds=torch.cat([prompt, embeds], 1), attention_mask=mask, labels=labels,
-                              position_ids=position_ids, use_cache=use_cache)
+                              position_ids=position_ids, use_cache=use_cache, **kwargs)
         # prefix tuning, P-Tuning v2: the prompt's positions start at n, after the cached prefix
         return self.model(input_ids=input_ids, attention_mask=mask, labels=labels, position_ids=position_ids,
-                          use_cache=use_cache, **{self.cache_argument: self.prefix_cache(B)})
+                          use_cache=use_cache, **{self.cache_argument: self.prefix_cache(B)}, **kwargs)
 
 
 def zero_init(pm):
@@ -199,11 +204,13 @@ def from_peft(peft_model):
     if peft_type == "PROMPT_TUNING":
         kind = "prompt_tuning"
     elif peft_type == "PREFIX_TUNING":
-        kind = "prefix" if config.prefix_projection else "ptuning_v2"
+        # a prefix model loaded for inference keeps only the keys and values its MLP made
+        kind = "prefix" if config.prefix_projection and not config.inference_mode else "ptuning_v2"
     else:
         raise ValueError(f"labkit's prompt methods are prompt tuning and prefix tuning, not {peft_type}")
-    pm = PromptModel(peft_model.get_base_model(), kind, config.num_virtual_tokens, init="random",
-                     hidden=getattr(config, "encoder_hidden_size", None) or 64)
+    with torch.random.fork_rng(devices=[]):             # building it draws random numbers; leave the caller's RNG alone
+        pm = PromptModel(peft_model.get_base_model(), kind, config.num_virtual_tokens, init="random",
+                         hidden=getattr(config, "encoder_hidden_size", None) or 64)
     state = dict(peft_model.prompt_encoder[peft_model.active_adapter].state_dict())
     if kind == "prefix":
         state["start"] = pm.prompt.start                   # peft's prefix MLP has no fixed offset
@@ -213,20 +220,20 @@ def from_peft(peft_model):
 
 def first_pass(pm, enc):
     """The decoder's first forward pass over a left-padded batch `enc` (input_ids, attention_mask):
-    the prompt's real tokens are numbered from n on, as in training, whatever the padding."""
+    the prompt's real tokens are numbered from n on, as in training, whatever the padding. Only
+    the last position's logits are computed. Returns (output, positions used, n included)."""
     mask = enc["attention_mask"]
-    pos = (pm.n + mask.cumsum(1) - 1).clamp(min=pm.n)
-    return pm(enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True), pos
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return pm(enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), pos + pm.n
 
 
 @torch.no_grad()
-def greedy(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True):
-    """Greedy answers of a PromptModel, in left-padded batches, with the virtual tokens in the KV
-    cache. The first pass runs the PromptModel on the prompts; each new token then goes to the
-    frozen model with that cache. Positions are numbered as in training: the prompt's real tokens
-    from n on (left padding does not count), each new token one further. (peft's own `generate`
-    cannot be used for prefix methods here: with transformers 5 it drops the prefix, see
-    tests/test_prompts.py.) `stop_at_eos=False` makes exactly `max_new_tokens` (for timing)."""
+def greedy_ids(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True):
+    """The new token ids of each prompt's greedy answer (up to and with its first end-of-turn).
+    Left-padded batches, the virtual tokens in the KV cache: the first pass runs the PromptModel on
+    the prompts; each new token then goes to the frozen model with that cache. Positions are
+    numbered as in training: the prompt's real tokens from n on (left padding does not count), each
+    new token one further. `stop_at_eos=False` makes exactly `max_new_tokens` (for timing)."""
     from .text import chat_prompt
     pm.eval()
     device = next(pm.model.parameters()).device
@@ -243,7 +250,6 @@ def greedy(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True)
             done = torch.zeros(len(mask), dtype=torch.bool, device=device)
             for _ in range(max_new_tokens):
                 nxt = out.logits[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
                 new = torch.cat([new, nxt[:, None]], 1)
                 done |= (nxt == tok.eos_token_id) & stop_at_eos
                 if done.all():
@@ -251,8 +257,16 @@ def greedy(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 pos = pos[:, -1:] + 1
                 out = pm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                               **{pm.cache_argument: _output_cache(out)})
-            answers += tok.batch_decode(new, skip_special_tokens=True)
+                               logits_to_keep=1, **{pm.cache_argument: _output_cache(out)})
+            for row in new.tolist():                        # a finished row ran on: cut it at its end
+                answers.append(row[:row.index(tok.eos_token_id) + 1] if stop_at_eos and tok.eos_token_id in row else row)
     finally:
         tok.padding_side = side
-    return [a.strip() for a in answers]
+    return answers
+
+
+def greedy(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True):
+    """Greedy answers of a PromptModel as strings (see greedy_ids). peft's own `generate` cannot be
+    used for prefix methods here: with transformers 5.2x it drops the prefix (tests/test_prompts.py)."""
+    ids = greedy_ids(pm, tok, prompts, max_new_tokens, batch_size, stop_at_eos)
+    return [tok.decode(a, skip_special_tokens=True).strip() for a in ids]

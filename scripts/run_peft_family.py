@@ -23,6 +23,8 @@ import contextlib
 import fcntl
 import gc
 import json
+import math
+import os
 import platform
 from pathlib import Path
 
@@ -35,9 +37,13 @@ MAX_EXTRA = 2
 
 
 def best_lr(runs, method):
-    """The searched rate with the lowest validation loss."""
+    """The searched rate with the lowest validation loss (a diverged run, NaN, never wins)."""
     tried = [r for r in runs if r["method"] == method and r["seed"] == 0]
-    return min(tried, key=lambda r: r["val_loss"])["lr"]
+    return min(tried, key=lambda r: finite(r["val_loss"]))["lr"]
+
+
+def finite(loss):
+    return loss if math.isfinite(loss) else math.inf
 
 
 @contextlib.contextmanager
@@ -48,7 +54,9 @@ def locked(path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = json.loads(path.read_text()) if path.exists() else {}
         yield result
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, path)                               # readers never see a half-written file
 
 
 def main():
@@ -74,7 +82,8 @@ def main():
     probe = lk.data.load_probe()
 
     def runs():
-        return json.loads(args.out.read_text())["runs"]
+        with locked(args.out) as result:
+            return list(result["runs"])
 
     def save(row):
         row = {k: v for k, v in row.items() if k not in ("model", "tok")}
@@ -103,7 +112,7 @@ def main():
                 row = train(method, lr, 0, scoring="val", measure_peak=False)
                 save(row)
                 tried.add(lr)
-                if best_row is None or row["val_loss"] < best_row["val_loss"]:
+                if best_row is None or finite(row["val_loss"]) < finite(best_row["val_loss"]):
                     best_row = row
                 else:
                     del row
@@ -129,7 +138,8 @@ def main():
                 save(lk.finetune.finish(row, data, probe, latency=seed == 1))
                 del row
                 gc.collect()
-    print("best learning rates:", json.loads(args.out.read_text())["best_lr"])
+    with locked(args.out) as result:
+        print("best learning rates:", result["best_lr"])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ labkit's decoder for them.
 
 Tolerances: logits within 1e-5 (fp32; the same arithmetic in the same order gives equal numbers
 here); gradients within 1e-5 of the largest gradient entry (the prefix's MLP sums over layers in
-another order than peft's view/permute/split, and its gradients reach about 1)."""
+another order than peft's view/permute/split, and its gradients reach about 1). Two checks allow
+1e-4: a left-padded row against the same prompt alone (padding changes the shapes the kernels
+see), and a text-initialised model against the model reading the text (a 16-token-longer
+sequence, computed once with the text's keys and values cached and once without)."""
 import warnings
 
 import pytest
@@ -86,33 +89,93 @@ def test_decoder_first_step_equals_peft_forward(tok, kind):
         expected = theirs(**alone).logits[:, -1]
         got, _ = prompts.first_pass(ours, alone)
         torch.testing.assert_close(got.logits[:, -1], expected, rtol=0, atol=1e-5)
-        tok.padding_side = "left"
-        padded = tok([longer, prompt], return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = "right"
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            padded = tok([longer, prompt], return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
         assert padded["attention_mask"][1, 0] == 0                             # really padded
         in_batch, _ = prompts.first_pass(ours, padded)
     torch.testing.assert_close(in_batch.logits[1, -1], expected[0], rtol=0, atol=1e-4)
 
 
+def rereading(pm, tok, question, max_new_tokens):
+    """The plain reference: re-read the whole sequence through the PromptModel for every new token."""
+    ids = tok(lk.text.chat_prompt(tok, question), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = pm(ids).logits[0, -1].argmax().item()
+            new.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return new
+
+
 @pytest.mark.parametrize("kind", prompts.KINDS)
 def test_cached_batched_decoding_equals_rereading_the_sequence(tok, kind):
-    """greedy() feeds each new token with the KV cache; a plain loop that re-reads the whole
-    sequence through the PromptModel at every step must give the same answers."""
+    """greedy_ids() feeds each new token with the KV cache, three prompts of different lengths
+    left-padded in one batch; a plain loop that re-reads the whole sequence for one prompt at a
+    time must give the same token ids. (An untied toy model with a large random prefix, so that
+    the answers differ from row to row and from step to step.)"""
     torch.manual_seed(0)
-    pm = prompts.PromptModel(tiny(tok), kind, 4, init="random")
+    model = lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
+    pm = prompts.PromptModel(model, kind, 4, init="random")
+    with torch.no_grad():
+        for p in pm.prompt.parameters():
+            p.mul_(3)
     questions = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima.", "Hi"]
-    got = prompts.greedy(pm, tok, questions, max_new_tokens=10, batch_size=3)
-    for question, answer in zip(questions, got):
-        ids = tok(lk.text.chat_prompt(tok, question), return_tensors="pt", add_special_tokens=False)["input_ids"]
-        new = []
+    got = prompts.greedy_ids(pm, tok, questions, max_new_tokens=10, batch_size=3)
+    assert len({tuple(g) for g in got}) == 3 and all(len(set(g)) > 1 for g in got)   # not degenerate
+    assert got == [rereading(pm, tok, q, 10) for q in questions]
+
+
+def test_decoding_stops_each_row_at_its_own_end(tok):
+    """A row that reaches the end-of-turn token stops there while the others go on. The toy
+    P-Tuning v2 model above says token 16449 in two of its three answers: make it the end."""
+    import copy
+    torch.manual_seed(0)
+    model = lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    pm = prompts.PromptModel(model, "ptuning_v2", 4, init="random")
+    with torch.no_grad():
+        pm.prompt.embedding.weight.mul_(3)
+    tok = copy.deepcopy(tok)
+    tok.eos_token = tok.convert_ids_to_tokens(16449)
+    questions = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima.", "Hi"]
+    got = prompts.greedy_ids(pm, tok, questions, max_new_tokens=10, batch_size=3)
+    assert [g[-1] == 16449 for g in got] == [True, False, True] and len(got[1]) == 10 > len(got[0])
+    assert got == [rereading(pm, tok, q, 10) for q in questions]
+
+
+def test_explicit_positions_number_the_real_tokens_from_zero(tok):
+    """position_ids mean what they mean for the wrapped model (0 = the first real token); the
+    PromptModel moves them after its virtual tokens, as peft does."""
+    for kind in prompts.KINDS:
+        torch.manual_seed(0)
+        pm = prompts.PromptModel(lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256), kind, 4)
+        ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            for _ in range(10):
-                nxt = pm(ids).logits[0, -1].argmax().item()
-                if nxt == tok.eos_token_id:
-                    break
-                new.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-        assert answer == tok.decode(new, skip_special_tokens=True).strip()
+            torch.testing.assert_close(pm(ids, position_ids=torch.arange(ids.shape[1])[None]).logits, pm(ids).logits,
+                                       rtol=0, atol=1e-6)
+
+
+def test_from_peft_reads_a_saved_prefix_adapter(tok, tmp_path):
+    """peft loads a saved prefix-tuning adapter in inference mode, keeping only the keys and values
+    its MLP made (no MLP): from_peft then gives a P-Tuning v2 model with those keys and values."""
+    from peft import PeftModel
+    torch.manual_seed(0)
+    ours, theirs = twins("prefix", make=lambda: tiny(tok), scale=1.0)
+    ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
+    theirs.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny(tok), tmp_path)
+    state = torch.get_rng_state()
+    again = prompts.from_peft(loaded)
+    assert torch.equal(torch.get_rng_state(), state)                   # it leaves the caller's RNG alone
+    assert again.kind == "ptuning_v2"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", prompts.KINDS)
@@ -156,11 +219,15 @@ def test_peft_generate_still_drops_the_prefix(tok):
 
 
 def test_text_generate_uses_the_prefix_of_a_peft_model(tok):
-    """lk.text.generate on a peft prefix model goes through labkit's decoder with the same prefix."""
+    """lk.text.generate on a peft prefix model goes through labkit's decoder (from_peft, greedy) and
+    answers what re-reading the sequence through peft's own forward pass answers."""
+    make = lambda: lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
-    ours, theirs = twins("ptuning_v2", make=lambda: tiny(tok), scale=3.0)
-    questions = ["Hello there, who are you?", "Hi"]
-    assert lk.text.generate(theirs, tok, questions, max_new_tokens=8) == prompts.greedy(ours, tok, questions, 8)
+    _, theirs = twins("ptuning_v2", make=make, scale=3.0)
+    questions = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima."]
+    got = lk.text.generate(theirs, tok, questions, max_new_tokens=8)
+    want = [tok.decode(rereading(theirs, tok, q, 8), skip_special_tokens=True).strip() for q in questions]
+    assert got == want and len(set(want)) == 2 and all(want)
 
 
 def test_bad_input_gets_a_clear_error(tok):
@@ -172,6 +239,8 @@ def test_bad_input_gets_a_clear_error(tok):
     with pytest.raises(ValueError, match="11 tokens long, more than the 4 virtual tokens"):
         prompts.PromptModel(model, "ptuning_v2", 4, init="text", tok=tok,
                             text="Extract the person from the text as JSON, please.")
+    with pytest.raises(ValueError, match="init must be one of"):
+        prompts.PromptModel(model, "prefix", 4, init="ones")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         prompts.PromptModel(model, "prompt_tuning", 4, init="text")
 
