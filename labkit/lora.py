@@ -130,7 +130,21 @@ def find_targets(model, target_modules):
 
 
 def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", use_rslora=False):
-    """Freeze `model`, then replace each target nn.Linear by a LoRALinear. Returns the model."""
+    """Freeze `model`, then replace each target nn.Linear by a LoRALinear. Returns the model.
+    A second call may add targets with the same settings (model.lora_config then lists them all);
+    labkit keeps one setting per model, so other settings are an error."""
+    settings = dict(r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora)
+    old = getattr(model, "lora_config", None)
+    had = old is not None and bool(lora_layers(model))
+    if had:
+        differ = {k: (old[k], v) for k, v in settings.items() if old.get(k) != v}
+        if differ:
+            raise ValueError(f"this model already has LoRA layers with other settings {differ} (old, new): labkit "
+                             "keeps one setting per model; inject every target in one call, or use peft's "
+                             "rank_pattern/alpha_pattern for per-module settings")
+        if isinstance(old["target_modules"], str) or isinstance(target_modules, str):
+            raise ValueError("a second inject_lora call cannot be combined with a regular expression: name all "
+                             "targets in one call")
     targets = find_targets(model, target_modules)
     if not targets:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
@@ -146,8 +160,9 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
     model.requires_grad_(False)
     for name in targets:
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora))
-    model.lora_config = dict(target_modules=target_modules, r=r, alpha=alpha, dropout=dropout,
-                             init=init, use_rslora=use_rslora)
+    if had:
+        target_modules = list(old["target_modules"]) + [t for t in target_modules if t not in old["target_modules"]]
+    model.lora_config = dict(target_modules=target_modules, **settings)
     return model
 
 
@@ -240,7 +255,9 @@ def save_adapter(model, path):
 
 def load_adapter(model, path):
     """Load an adapter written by save_adapter into `model`. A model without LoRA layers gets
-    them first, with the settings stored in the file. Shapes and names must match exactly."""
+    them first, with the settings stored in the file. A model with LoRA layers must have the
+    file's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0 would
+    keep the old update). Shapes and names must match exactly."""
     import json
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
@@ -248,8 +265,19 @@ def load_adapter(model, path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if config is None:
         raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
-    if not lora_layers(model):
+    layers = lora_layers(model)
+    if not layers:
         inject_lora(model, **config)
+    else:
+        merged = [n for n, m in layers if m.merged]
+        if merged:
+            raise ValueError(f"{len(merged)} LoRA layers of this model are merged (e.g. {merged[0]}): their W0 "
+                             "holds the old update; unmerge_lora(model) first, or load into a fresh model")
+        mine = getattr(model, "lora_config", {}) or {}
+        differ = {k: (config.get(k), mine.get(k)) for k in ("r", "alpha", "use_rslora") if config.get(k) != mine.get(k)}
+        if differ:
+            raise ValueError(f"adapter {path} was trained with other settings than this model's LoRA layers: "
+                             f"{differ} (file, model); load it into a fresh model, which gets the file's settings")
     own = lora_state_dict(model)
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or extra:

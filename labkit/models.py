@@ -150,6 +150,8 @@ def load_model(name=SMOLLM2, dtype=torch.float32, device=None, **kwargs):
             f"could not fetch '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
             "Without a network (or with HF_HUB_OFFLINE=1) use the offline models: "
             "load_model('smollm2') or load_model('minilm').") from e
+    if tok.pad_token is None:                # e.g. Llama's tokenizers: padding is masked out, so end-of-text will do
+        tok.pad_token = tok.eos_token
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

@@ -22,6 +22,11 @@ def encode(tok, prompt, response, system=SYSTEM):
 
 def collate(examples, pad_id):
     """Right-pad a list of encoded examples into tensors (B, T)."""
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: set tok.pad_token = tok.eos_token (padding is masked "
+                         "out of the loss, so any token will do), as lk.load_model does")
+    if not examples:
+        raise ValueError("collate needs at least one example")
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
@@ -35,14 +40,23 @@ def collate(examples, pad_id):
 
 
 def batches(tok, rows, batch_size, seed=0):
-    """An endless stream of shuffled batches (one pass after another, reshuffled each pass)."""
-    encoded = [encode(tok, r["prompt"], r["response"]) for r in rows]
+    """An endless stream of shuffled batches (one pass after another, reshuffled each pass; the
+    rows left over at the end of a pass wait for the next shuffle)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if len(rows) < batch_size:
+        raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size}: use batch_size <= {len(rows)} "
+                         "or more data")
+    return _batches([encode(tok, r["prompt"], r["response"]) for r in rows], batch_size, seed, tok.pad_token_id)
+
+
+def _batches(encoded, batch_size, seed, pad_id):
     rng = random.Random(seed)
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([encoded[j] for j in order[i:i + batch_size]], tok.pad_token_id)
+            yield collate([encoded[j] for j in order[i:i + batch_size]], pad_id)
 
 
 def _is_prompt_learning(model):

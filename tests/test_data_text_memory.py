@@ -66,6 +66,37 @@ def test_encode_masks_the_prompt_and_collate_pads():
     assert b["attention_mask"][1, short:].sum() == 0 and (b["labels"][1, short:] == text.IGNORE).all()
 
 
+def test_batches_that_cannot_be_filled_are_an_error_at_once():
+    rows = [{"prompt": "a", "response": "b"}] * 3
+    with pytest.raises(ValueError, match="3 rows cannot fill one batch of 4"):
+        text.batches(CharTok(), rows, 4)                      # at the call, not at the first next()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        text.batches(CharTok(), rows, 0)
+    b = next(text.batches(CharTok(), rows, 3))
+    assert b["input_ids"].shape[0] == 3
+
+
+def test_a_tokenizer_without_pad_token():
+    tok = CharTok()
+    tok.pad_token_id = None
+    with pytest.raises(ValueError, match="no pad token"):
+        text.collate([text.encode(tok, "a", "b")], tok.pad_token_id)
+
+
+def test_load_model_gives_a_tokenizer_without_pad_token_one(monkeypatch):
+    """Llama-style tokenizers come without a pad token; load_model falls back to end-of-text."""
+    import transformers
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def no_pad(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.pad_token = None
+        return tok
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_pad)
+    _, tok = lk.load_model("smollm2")
+    assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
+
+
 def test_training_bill():
     bill = memory.training_bill(1000, optimizer="adamw", activations=5)
     assert bill == {"weights": 4000, "gradients": 4000, "optimizer": 8000, "activations": 5}

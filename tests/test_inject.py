@@ -102,6 +102,9 @@ def test_save_and_load_into_a_fresh_model(tmp_path):
 def test_load_rejects_mismatched_shapes(tmp_path):
     path = lk.save_adapter(trained(), tmp_path / "a.safetensors")
     other = lk.inject_lora(lk.tiny_llama(), QKVO, r=2, alpha=8)
+    with pytest.raises(ValueError, match=r"trained with other settings .*{'r': \(4, 2\)}"):   # r sets the shapes
+        lk.load_adapter(other, path)
+    other.lora_config["r"] = 4                                  # a config that lies about its shapes
     with pytest.raises(ValueError, match="shapes that do not match"):
         lk.load_adapter(other, path)
 
@@ -126,3 +129,37 @@ def test_merge_and_unmerge_whole_model():
     torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-5)
     lk.unmerge_lora(model)
     torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-5)
+
+
+def test_load_refuses_other_settings_than_the_models(tmp_path):
+    """Same shapes, other alpha (or rsLoRA): the update would be scaled wrongly, silently."""
+    path = lk.save_adapter(trained(), tmp_path / "a.safetensors")
+    for other in (lk.inject_lora(lk.tiny_llama(), QKVO, r=4, alpha=16),
+                  lk.inject_lora(lk.tiny_llama(), QKVO, r=4, alpha=8, use_rslora=True)):
+        with pytest.raises(ValueError, match="trained with other settings"):
+            lk.load_adapter(other, path)
+
+
+def test_load_refuses_a_merged_model(tmp_path):
+    model = trained()
+    path = lk.save_adapter(model, tmp_path / "a.safetensors")
+    lk.merge_lora(model)
+    with pytest.raises(ValueError, match="merged"):
+        lk.load_adapter(model, path)
+    lk.unmerge_lora(model)
+    lk.load_adapter(model, path)                                # unmerged: fine
+
+
+def test_a_second_injection_adds_targets_and_keeps_them_all(tmp_path):
+    model = lk.inject_lora(lk.tiny_llama(), ["q_proj"], r=4, alpha=8)
+    lk.inject_lora(model, ["v_proj"], r=4, alpha=8)
+    assert model.lora_config["target_modules"] == ["q_proj", "v_proj"]
+    for _, m in lk.lora_layers(model):
+        m.lora_B.data.normal_(std=0.1)
+    path = lk.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = lk.load_adapter(lk.tiny_llama(), path)              # both calls' layers come back
+    x = ids()
+    assert len(lk.lora_layers(fresh)) == len(lk.lora_layers(model)) == 4
+    assert torch.equal(fresh(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="other settings"):
+        lk.inject_lora(model, ["k_proj"], r=2, alpha=8)
