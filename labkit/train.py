@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 
 def lr_factor(step, steps, warmup=0, schedule="constant"):
-    """Multiplier of the learning rate at `step` (0-based): linear warm-up, then constant/linear/cosine."""
+    """Multiplier of the learning rate at `step` (0-based): linear warm-up from 0, then constant/linear/
+    cosine, as transformers' schedules do (so the first step of a warm-up moves nothing)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, steps - warmup)

@@ -45,7 +45,7 @@ def test_default_is_plain_adamw_bit_for_bit():
 
 
 def test_lr_schedules():
-    assert [lr_factor(s, 10, warmup=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert [lr_factor(s, 10, warmup=4) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 10, warmup=4, schedule="linear") == 1.0 and lr_factor(9, 10, 4, "linear") == pytest.approx(1 / 6)
     assert lr_factor(0, 10, schedule="cosine") == 1.0 and lr_factor(5, 10, schedule="cosine") == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule must be"):
@@ -110,3 +110,21 @@ def test_resume_into_a_model_without_the_adapters_is_an_error(tmp_path):
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
         train(lk.tiny_llama().requires_grad_(False), stream(), steps=1, progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedules_are_transformers_schedules(schedule):
+    """The factor at every step equals transformers' get_*_schedule_with_warmup (Trainer's)."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+    steps, warmup = 12, 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = {"constant": lambda: get_constant_schedule_with_warmup(opt, warmup),
+              "linear": lambda: get_linear_schedule_with_warmup(opt, warmup, steps),
+              "cosine": lambda: get_cosine_schedule_with_warmup(opt, warmup, steps)}[schedule]()
+    factors = []
+    for _ in range(steps):
+        factors.append(opt.param_groups[0]["lr"])
+        opt.step()
+        theirs.step()
+    assert factors == pytest.approx([lr_factor(s, steps, warmup, schedule) for s in range(steps)], abs=1e-12)
