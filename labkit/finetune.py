@@ -188,7 +188,7 @@ def run(method, rows=None, probe=None, name="smollm2", steps=12, lr=None, batch_
     fit = timed_training(model, text.batches(tok, rows["train"], batch_size, seed=seed), steps, lr=lr,
                          progress=progress, after_step=after_step_hook(model, method), measure_peak=measure_peak,
                          **train_kwargs)
-    row = {"method": method, "lr": lr, "seed": seed, "trainable": trainable, "total": total,
+    row = {"method": method, "lr": lr, "seed": seed, "steps": steps, "trainable": trainable, "total": total,
            "trainable_pct": 100 * trainable / total, "s_per_step": fit["s_per_step"], "losses": fit["losses"],
            "peak_mib": fit["peak_bytes"] / 2**20 if measure_peak else None,
            "val_loss": text.answer_loss(model, tok, rows["val"]) if validate or scoring == "val" else None,
@@ -256,18 +256,19 @@ def compare(methods, on_row=None, **kwargs):
     return rows
 
 
-def seed_summary(runs, best_lr):
+def seed_summary(runs, best_lr, steps=12):
     """One row per method from a cache of runs (scripts/run_peft_family.py): its runs at its best
     learning rate, the mean and spread over their seeds of the scores and times, and the figures
     measured once (peak memory, latency: from whichever run measured them). A method whose best
-    run is not scored yet (an interrupted cache) is left out."""
+    run is not scored yet (an interrupted cache) is left out, and so are runs of another budget
+    than `steps` (a run without a "steps" entry counts as `steps`)."""
     import statistics
     out = []
     for method in METHODS:
         if method not in best_lr:
             continue
-        rs = sorted((r for r in runs if r["method"] == method and r["lr"] == best_lr[method] and "exact_match" in r),
-                    key=lambda r: r["seed"])
+        rs = sorted((r for r in runs if r["method"] == method and r["lr"] == best_lr[method] and "exact_match" in r
+                     and r.get("steps", steps) == steps), key=lambda r: r["seed"])
         if not rs:
             continue                                  # searched, but its best run not yet scored
         em = [r["exact_match"] for r in rs]

@@ -10,6 +10,9 @@ kept in data/results/peft_family.json for the chapter to read.
    best run's model is kept and scored in full (test set, probe, checkpoint size).
 2. Seeds: the best rate again with seeds 1 and 2, scored in full. Peak memory and latency per
    token are measured once per method, on its seed-1 run (the figures do not depend on the rate).
+3. `--longer METHOD ...`: a method that stays below 80% exact match trains once more at its best
+   rate, seed 0, for 3 times the steps, to tell a short budget from a method that cannot learn
+   the task (kept as a run with its own `steps`).
 
 Only the validation set chooses; the test set is reported.
 
@@ -65,6 +68,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", choices=lk.finetune.METHODS, help="methods to run (the others' runs are kept)")
+    ap.add_argument("--longer", nargs="*", choices=lk.finetune.METHODS, default=[],
+                    help="after the search, train these at their best rate for 3 x steps")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     device, name = lk.setup(seed=0)
@@ -81,26 +86,33 @@ def main():
     data = lk.data.load_task("people")
     probe = lk.data.load_probe()
 
-    def runs():
+    def runs(steps=args.steps):
         with locked(args.out) as result:
-            return list(result["runs"])
+            return [r for r in result["runs"] if r.get("steps", args.steps) == steps]
 
     def save(row):
         row = {k: v for k, v in row.items() if k not in ("model", "tok")}
         if row["seed"] != 0:
             row.pop("answers", None)
         with locked(args.out) as result:
-            result["runs"] = [r for r in result["runs"] if (r["method"], r["lr"], r["seed"]) !=
-                              (row["method"], row["lr"], row["seed"])] + [row]
+            key = lambda r: (r["method"], r["lr"], r["seed"], r.get("steps", args.steps))
+            result["runs"] = [r for r in result["runs"] if key(r) != key(row)] + [row]
         done = f", test {row['exact_match']:.0%}, probe {row['probe']:.0%}" if "exact_match" in row else ""
         print(f"{row['method']:<17} lr {row['lr']:.0e} seed {row['seed']}: val loss {row['val_loss']:.3f}"
               f"{done}, {row['s_per_step']:.1f} s/step", flush=True)
 
-    def train(method, lr, seed, **kw):
-        return lk.finetune.run(method, rows=data, probe=probe, name=name, device=device, steps=args.steps,
+    def train(method, lr, seed, steps=args.steps, **kw):
+        return lk.finetune.run(method, rows=data, probe=probe, name=name, device=device, steps=steps,
                                batch_size=args.batch, lr=lr, seed=seed, progress=False, **kw)
 
-    for method in args.only or list(lk.finetune.METHODS):
+    for method in args.longer:                                  # 3. a longer run where the budget may be short
+        with locked(args.out) as result:
+            best = result["best_lr"][method]
+        if not any(r["method"] == method for r in runs(3 * args.steps)):
+            row = train(method, best, 0, steps=3 * args.steps, scoring="val", measure_peak=False)
+            save(lk.finetune.finish(row, data, probe))
+            del row
+    for method in ([] if args.longer and args.only is None else args.only or list(lk.finetune.METHODS)):
         mine = [r for r in runs() if r["method"] == method]
         best_row = None                                     # 1. the search, keeping the best model
         tried = {r["lr"] for r in mine if r["seed"] == 0}

@@ -207,7 +207,8 @@ def test_seed_summary_takes_the_best_rate_and_averages_its_seeds():
                 "trainable_pct": 1.0, "s_per_step": 2.0, "checkpoint_mib": 0.1, "val_loss": 0.2,
                 "peak_mib": kw.get("peak"), "ms_per_token": kw.get("ms")}
     runs = [run("lora", 1e-3, 0, 0.2), run("lora", 2e-3, 0, 0.9), run("lora", 2e-3, 1, 0.8, peak=100, ms=5.0),
-            run("lora", 2e-3, 2, 1.0), {"method": "ia3", "lr": 1e-2, "seed": 0, "val_loss": 0.3}]  # ia3: not scored
+            run("lora", 2e-3, 2, 1.0), {"method": "ia3", "lr": 1e-2, "seed": 0, "val_loss": 0.3},  # ia3: not scored
+            {**run("lora", 2e-3, 0, 0.0), "steps": 36}]                                          # another budget
     rows = finetune.seed_summary(runs, {"lora": 2e-3, "ia3": 1e-2})
     lora = rows[0]
     assert lora["method"] == "lora" and lora["seeds"] == [0, 1, 2]
