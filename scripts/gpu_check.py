@@ -185,6 +185,49 @@ def _(ctx):
     return ok, f"12 new tokens each; merged vs unmerged logits differ by {diff:.1e}"
 
 
+@check("labkit prompt methods (prompt tuning, prefix tuning, P-Tuning v2): bf16 autocast training; on a bf16 model, the decoder's first step = re-reading")
+def _(ctx):
+    details, ok = [], True
+    for kind in lk.prompts.KINDS:
+        torch.manual_seed(0)
+        model = lk.prompts.PromptModel(random_model(ctx), kind, 8, init="random")
+        trained, detail = train_steps(model, ctx.batch, "bf16")
+        ok &= trained
+        half = lk.prompts.PromptModel(random_model(ctx, dtype=torch.bfloat16), kind, 8, init="random")
+        prompt = {"input_ids": ctx.batch["input_ids"][:2, :12], "attention_mask": ctx.batch["attention_mask"][:2, :12]}
+        with torch.no_grad():
+            first, _ = lk.prompts.first_pass(half, prompt)
+            again = half(**prompt).logits[:, -1]
+        same = (first.logits[:, -1].float() - again.float()).abs().max().item()
+        ok &= first.logits.dtype == torch.bfloat16 and same < 1e-2 * again.float().abs().max().item()
+        details.append(f"{kind}: {detail.replace('loss ', '')}, bf16 first step off by {same:.1e}")
+    return ok, "; ".join(details)
+
+
+@check("latency per token, batch 1, SmolLM2-shaped: base, serial adapter, parallel adapter (is the parallel branch hidden?)")
+def _(ctx):
+    prompt = ctx.batch["input_ids"][:1, :16]
+    greedy = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    times = {}
+    for name in ("base", "serial_adapter", "parallel_adapter"):
+        model = random_model(ctx)
+        if name != "base":
+            model = lk.finetune.prepare(model, name)
+        best = float("inf")
+        for _ in range(3):
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(input_ids=prompt, **greedy)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        times[name] = 1000 * best / 32
+    ok = all(math.isfinite(t) and t > 0 for t in times.values())
+    return ok, ", ".join(f"{k} {v:.2f} ms ({v / times['base']:.2f} x base)" for k, v in times.items())
+
+
 @check("lk.finetune.trainer_run: Trainer + peft LoRA, mixed precision, paged AdamW on CUDA")
 def _(ctx):
     model = perturb(peft_lora(random_model(ctx)))

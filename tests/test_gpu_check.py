@@ -28,5 +28,5 @@ def test_every_check_runs_on_the_cpu_at_toy_size():
     out = run("--cpu")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and " | ok | " in line]
-    assert len(rows) == 11, out.stdout
-    assert "11 passed, 0 failed" in out.stdout
+    assert len(rows) == 13, out.stdout
+    assert "13 passed, 0 failed" in out.stdout
