@@ -88,7 +88,10 @@ def test_decoder_first_step_equals_peft_forward(tok, kind):
     with torch.no_grad():
         expected = theirs(**alone).logits[:, -1]
         got, _ = prompts.first_pass(ours, alone)
-        torch.testing.assert_close(got.logits[:, -1], expected, rtol=0, atol=1e-5)
+        # The two paths multiply differently shaped matrices (prefix in the cache vs. in the sequence), so
+        # float32 sums are taken in another order: measured up to 3.6e-5 on logits as large as 33.
+        # 1e-4 is 3e-6 of that scale.
+        torch.testing.assert_close(got.logits[:, -1], expected, rtol=0, atol=1e-4)
         side, tok.padding_side = tok.padding_side, "left"
         try:
             padded = tok([longer, prompt], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -154,7 +157,8 @@ def test_explicit_positions_number_the_real_tokens_from_zero(tok):
     PromptModel moves them after its virtual tokens, as peft does."""
     for kind in prompts.KINDS:
         torch.manual_seed(0)
-        pm = prompts.PromptModel(lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256), kind, 4)
+        pm = prompts.PromptModel(lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256), kind, 4,
+                                 init="random")
         ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
         with torch.no_grad():
             torch.testing.assert_close(pm(ids, position_ids=torch.arange(ids.shape[1])[None]).logits, pm(ids).logits,
