@@ -109,13 +109,22 @@ def timed_training(model, batches, steps, measure_peak=True, **train_kwargs):
     memory: {losses, s_per_step, peak_bytes}. The extra step runs AdamW at learning rate 0, so
     it changes no weight; its peak is that of any step of the run (the states exist at its end).
     MemTracker counts tensors, not the allocator's pages: the figure repeats from run to run and
-    is what lk.memory.predict_peak predicts (the process's resident memory is larger and noisier)."""
+    is what lk.memory.predict_peak predicts (the process's resident memory is larger and noisier).
+    The time per step leaves out the time an `eval_fn` took."""
     device = input_device(model)
+    eval_fn, evaluating = train_kwargs.get("eval_fn"), [0.0]
+    if eval_fn is not None:
+        def timed_eval(m):
+            t = time.perf_counter()
+            result = eval_fn(m)
+            evaluating[0] += time.perf_counter() - t
+            return result
+        train_kwargs = {**train_kwargs, "eval_fn": timed_eval}
     t0 = time.perf_counter()
     losses = train(model, batches, steps, **train_kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0 - evaluating[0]) / steps
     if not measure_peak:
         model.eval()
         return {"losses": losses, "s_per_step": seconds, "peak_bytes": None}
@@ -327,11 +336,12 @@ def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
     return best / new_tokens
 
 
-def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, max_grad_norm=None, progress=True,
+def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, max_grad_norm=1.0, progress=True,
                 encoded=None, optim="adamw_torch"):
     """The production route: transformers' Trainer on `model` (e.g. a peft model), with labkit's
     prompt-masking collator and the settings of train(): AdamW, constant learning rate, no warm-up,
-    no weight decay; on CUDA bf16 (fp16 where bf16 is missing). `encoded` (already encoded
+    no weight decay; Trainer's own clipping (gradient norm 1.0; None turns it off); on CUDA bf16
+    (fp16 where bf16 is missing). `encoded` (already encoded
     examples) replaces `train_rows` when given; `optim` is Trainer's optimizer name (on a GPU,
     "paged_adamw_32bit" or "paged_adamw_8bit" for QLoRA). Returns (losses per step, seconds in train())."""
     from transformers import PrinterCallback, Trainer, TrainingArguments

@@ -65,13 +65,14 @@ def autocast(device, amp=None):
 
 def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="constant", grad_accum=1,
           max_grad_norm=None, eval_fn=None, eval_every=None, history=None, amp=None, checkpoint=None,
-          progress=True, after_step=None):
+          checkpoint_every=None, progress=True, after_step=None):
     """Train for `steps` optimizer steps, each on `grad_accum` batches from `batches`.
 
-    Returns the loss of each step (averaged over its batches). With `eval_fn`, calls it every
+    Returns the loss of each step (mean over its unmasked tokens). With `eval_fn`, calls it every
     `eval_every` steps and appends {"step": ..., **its result} to the list `history`.
-    `checkpoint` (a path) is loaded first if it exists and written at the end, so a run can be
-    resumed; the batch stream is the caller's to continue (e.g. the same generator object).
+    `checkpoint` (a path) is loaded first if it exists, written every `checkpoint_every` steps and at
+    the end. A resumed run skips the batches the checkpoint used, so pass the stream a fresh start
+    would get (same data, same seed), as a restarted process has.
     `after_step(step)` is called after each optimizer step, before the gradients are cleared
     (AdaLoRA reallocates its ranks there)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -91,16 +92,19 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
     history = [] if history is None else history
     start, losses = _resume(checkpoint, model, opt, sched, history)
+    for _ in range(start * grad_accum):                  # the batches the checkpoint has already used
+        next(batches)
     device = input_device(model)
     amp_context, scaler = autocast(device, amp)
     model.train()
     bar = tqdm(range(start, steps), desc="training", disable=not progress)
     for step in bar:
+        micro = [to_device(next(batches), device) for _ in range(grad_accum)]
+        shares = token_shares(micro) if grad_accum > 1 else [1]
         total = 0.0
-        for _ in range(grad_accum):
-            batch = to_device(next(batches), device)
-            with amp_context:
-                loss = model(**batch).loss / grad_accum   # mean over the unmasked tokens, per batch
+        for batch, share in zip(micro, shares):
+            with amp_context:      # a batch's mean loss, weighted by its share of the step's tokens
+                loss = model(**batch).loss * share
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item()
         if scaler:
@@ -120,10 +124,26 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
             model.eval()
             history.append({"step": step + 1, **eval_fn(model)})
             model.train()
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save(checkpoint, model, opt, sched, losses, history)
     model.eval()
     if checkpoint is not None:
         _save(checkpoint, model, opt, sched, losses, history)
     return losses
+
+
+def token_shares(micro):
+    """Each batch's share of the tokens a causal LM predicts in one step (labels after the shift that
+    are not -100; transformers' Trainer counts the same, as num_items_in_batch). Weighting each batch's
+    mean loss by its share gives the mean over all the step's tokens: one large batch's loss."""
+    counts = []
+    for batch in micro:
+        if "labels" not in batch:
+            raise ValueError("gradient accumulation needs 'labels' in every batch (-100 where no loss is taken)")
+        counts.append(int((batch["labels"][..., 1:] != -100).sum()))
+    if sum(counts) == 0:
+        raise ValueError("these batches have no token to predict: every label is -100")
+    return [n / sum(counts) for n in counts]
 
 
 def _trainable_state(model):
@@ -131,16 +151,25 @@ def _trainable_state(model):
 
 
 def _save(path, model, opt, sched, losses, history):
+    """Write the checkpoint to a temporary file and move it into place, so a run killed while
+    saving leaves the previous checkpoint whole. Tensors, numbers and strings only: weights_only loads it."""
+    import os
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    tmp = f"{path}.tmp"
     torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "losses": losses, "history": history}, path)
+                "losses": losses, "history": history, "rng": rng}, tmp)
+    os.replace(tmp, path)
 
 
 def _resume(path, model, opt, sched, history):
-    """(first step, losses so far) from a checkpoint (its eval history is put into `history`), or a fresh start."""
+    """(first step, losses so far) from a checkpoint (its eval history is put into `history`, its RNG
+    state restored, so dropout continues where it stopped), or a fresh start."""
     import os
     if path is None or not os.path.exists(path):
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     own = dict(model.named_parameters())
     missing = sorted(set(state["params"]) - {n for n, p in own.items() if p.requires_grad})
     if missing:
@@ -151,5 +180,8 @@ def _resume(path, model, opt, sched, history):
             own[n].copy_(t)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     history[:0] = state["history"]
     return len(state["losses"]), list(state["losses"])

@@ -108,21 +108,25 @@ def test_run_returns_one_measured_row(tok):
 
 
 def test_trainer_takes_the_same_step_as_labkit_loop(tok):
-    """One step over one batch (Trainer's order does not matter: the loss is a mean over the
-    answer tokens) must give the same loss and the same adapter weights, within 1e-5."""
+    """Two steps over one batch (Trainer's order does not matter: the loss is a mean over the
+    answer tokens) must give the same loss and the same adapter weights, within 1e-5. trainer_run
+    keeps Trainer's clipping at norm 1.0, which bites here: labkit's loop must clip the same."""
     from peft import LoraConfig, get_peft_model
     rows = lk.data.load_task("people")["train"][:4]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                        init_lora_weights="gaussian")
+    config = LoraConfig(r=4, lora_alpha=512, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights="gaussian")      # scaling 128: gradient norms above 1 on a toy model
     twins = []
-    for _ in range(2):
+    for _ in range(3):
         torch.manual_seed(0)
         twins.append(get_peft_model(tiny_for(tok), config))
-    ours, theirs = twins
+    ours, theirs, unclipped = twins
     batch = text.collate([text.encode(tok, r["prompt"], r["response"]) for r in rows], tok.pad_token_id)
-    our_loss = lk.train.train(ours, iter([batch]), 1, lr=1e-2, progress=False)
-    their_loss, _ = finetune.trainer_run(theirs, tok, rows, 1, lr=1e-2, batch_size=4, progress=False)
-    assert abs(our_loss[0] - their_loss[0]) < 1e-5
+    our_loss = lk.train.train(ours, iter([batch, batch]), 2, lr=1e-2, max_grad_norm=1.0, progress=False)
+    lk.train.train(unclipped, iter([batch, batch]), 2, lr=1e-2, progress=False)
+    their_loss, _ = finetune.trainer_run(theirs, tok, rows, 2, lr=1e-2, batch_size=4, progress=False)
+    c = {n: p for n, p in unclipped.named_parameters() if p.requires_grad}
+    assert max((c[n] - p).abs().max().item() for n, p in theirs.named_parameters() if p.requires_grad) > 1e-4
+    assert len(their_loss) == 2 and max(abs(a - b) for a, b in zip(our_loss, their_loss)) < 1e-5
     a = {n: p for n, p in ours.named_parameters() if p.requires_grad}
     b = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys()
@@ -215,3 +219,17 @@ def test_seed_summary_takes_the_best_rate_and_averages_its_seeds():
     assert lora["exact_match"] == pytest.approx(0.9) and lora["em_sd"] == pytest.approx(0.1)
     assert (lora["em_min"], lora["em_max"], lora["peak_mib"], lora["ms_per_token"]) == (0.8, 1.0, 100, 5.0)
     assert [r["method"] for r in finetune.seed_summary(runs, {"ia3": 1e-2, "lora": 2e-3})] == ["lora"]
+
+
+def test_time_per_step_leaves_out_evaluation():
+    """An eval_fn that sleeps 0.5 s after every step must not show in s_per_step (a toy model's step
+    takes a few milliseconds)."""
+    import time
+    model = lk.inject_lora(lk.tiny_llama(), ["q_proj"], r=2, alpha=4)
+    x = torch.randint(0, 256, (2, 8))
+    history = []
+    fit = finetune.timed_training(model, iter(lambda: {"input_ids": x, "labels": x}, None), 2, measure_peak=False,
+                                  progress=False, eval_fn=lambda m: time.sleep(0.5) or {"slept": True}, eval_every=1,
+                                  history=history)
+    assert [h["step"] for h in history] == [1, 2]
+    assert fit["s_per_step"] < 0.25

@@ -62,6 +62,117 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def masked_batch(lengths, masked, seed):
+    """Rows of the given lengths, right-padded to the longest; the first `masked` labels of each row
+    are -100 (the prompt), as lk.text.collate makes them."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (n, m) in enumerate(zip(lengths, masked)):
+        ids[i, :n] = torch.randint(1, 256, (n,), generator=g)
+        att[i, :n] = 1
+        labels[i, m:n] = ids[i, m:n]
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+def pad_to(batch, T):
+    pad = T - batch["input_ids"].shape[1]
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.nn.functional.pad(v, (0, pad), value=fill[k]) for k, v in batch.items()}
+
+
+def trained_lora_model():
+    """A LoRA model whose B is not zero, so that every adapter weight has a gradient."""
+    model = lora_model()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def gradients_of_one_step(batches, grad_accum):
+    """The gradient train() steps with, caught by after_step before it is cleared."""
+    model, grads = trained_lora_model(), {}
+    def catch(step):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    train(model, iter(batches), steps=1, lr=1e-2, grad_accum=grad_accum, progress=False, after_step=catch)
+    return grads
+
+
+def test_accumulation_weights_tokens_as_one_large_batch_does():
+    """Two masked batches of unequal length and unequal numbers of answer tokens, accumulated, give
+    the gradient of the one batch that holds them both: the mean over all their answer tokens."""
+    short = masked_batch([6, 9], masked=[5, 2], seed=1)            # 1 + 7 = 8 tokens to predict
+    long = masked_batch([16, 12], masked=[3, 10], seed=2)          # 13 + 2 = 15 tokens to predict
+    both = {k: torch.cat([pad_to(short, 16)[k], long[k]]) for k in short}
+    one = gradients_of_one_step([both], grad_accum=1)
+    accumulated = gradients_of_one_step([short, long], grad_accum=2)
+    for n, g in one.items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(accumulated[n], g, rtol=0, atol=1e-5 * g.abs().max().item())
+    # Averaging the two batches' means instead (what dividing each by grad_accum does) is not that gradient:
+    model = trained_lora_model()
+    ((model(**short).loss + model(**long).loss) / 2).backward()
+    worst = max((p.grad - one[n]).abs().max() / one[n].abs().max()
+                for n, p in model.named_parameters() if p.requires_grad)
+    assert worst > 1e-2
+
+
+def test_accumulation_needs_tokens_to_predict():
+    nothing = masked_batch([6, 6], masked=[6, 6], seed=0)
+    with pytest.raises(ValueError, match="no token to predict"):
+        train(lora_model(), iter([nothing, nothing]), steps=1, grad_accum=2, progress=False)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_train import dropout_model, stream
+from labkit.train import train
+def die(step):
+    if step == {die_after}:
+        os.kill(os.getpid(), signal.SIGKILL)          # no clean-up, no final save: as a crash or a pre-emption
+train(dropout_model(), stream(), steps={steps}, lr=1e-2, warmup=2, schedule="cosine", checkpoint={ckpt!r},
+      checkpoint_every=2, progress=False, after_step=die)
+"""
+
+
+def dropout_model(seed=0):
+    """LoRA with dropout, so that a resumed run matches only if the RNG state was restored too."""
+    model = lk.inject_lora(lk.tiny_llama(seed=seed), ["q_proj", "v_proj"], r=4, alpha=8, dropout=0.2)
+    torch.manual_seed(seed)
+    return model
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    """A run killed (SIGKILL) after step 5 of 7, checkpointing every 2 steps, resumed in a fresh process
+    from the checkpoint of step 4: the same losses and weights as a run that was never stopped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    steps, ckpt = 7, tmp_path / "run.pt"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), die_after=4, steps=steps, ckpt=str(ckpt))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]                    # really killed
+    assert len(torch.load(ckpt, weights_only=True)["losses"]) == 4       # the step-4 checkpoint survived
+    straight = dropout_model()
+    expected = train(straight, stream(), steps=steps, lr=1e-2, warmup=2, schedule="cosine", progress=False)
+    resumed = dropout_model()
+    with torch.no_grad():                        # other adapter weights and RNG: the file must restore both
+        for p in resumed.parameters():
+            if p.requires_grad:
+                p.normal_()
+    torch.manual_seed(123)
+    losses = train(resumed, stream(), steps=steps, lr=1e-2, warmup=2, schedule="cosine", checkpoint=ckpt,
+                   progress=False)
+    assert losses == expected
+    assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(resumed).values()))
+
+
 def test_clipping_bounds_the_gradient_norm():
     model = lora_model()
     seen = []
@@ -90,11 +201,10 @@ def test_resume_from_a_checkpoint_gives_the_same_run(tmp_path):
     straight = lora_model()
     full = train(straight, stream(), steps=4, lr=1e-2, warmup=2, schedule="cosine", progress=False)
     resumed = lora_model()
-    batches = stream()
     ckpt = tmp_path / "run.pt"
-    train(resumed, batches, steps=2, lr=1e-2, warmup=2, schedule="cosine", checkpoint=ckpt, progress=False)
-    again = lora_model()                                 # a fresh model, as after a restart
-    losses = train(again, batches, steps=4, lr=1e-2, warmup=2, schedule="cosine", checkpoint=ckpt, progress=False)
+    train(resumed, stream(), steps=2, lr=1e-2, warmup=2, schedule="cosine", checkpoint=ckpt, progress=False)
+    again = lora_model()                       # a fresh model and a fresh stream, as after a restart
+    losses = train(again, stream(), steps=4, lr=1e-2, warmup=2, schedule="cosine", checkpoint=ckpt, progress=False)
     assert losses == full
     assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(again).values()))
 
