@@ -14,11 +14,13 @@ from .session import quiet_machine_noise
 
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
-from . import adapters, data, exercises, finetune, lab, lowrank, memory, prompts, qlora, quant, text, train, widgets
+from . import (adapters, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant, text, train,
+               widgets)
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
-                   lora_layers, lora_report, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
-from .models import (MINILM, SMOLLM2, ModelUnavailable, cache_dir, load_model, minilm_path,
+                   lora_layers, lora_report, lora_state_dict, merge_lora, replace_module, save_adapter,
+                   unmerge_lora)
+from .models import (MINILM, SMOLLM2, ModelUnavailable, cache_dir, load_model, load_tokenizer, minilm_path,
                      smollm2_path, tiny_bert, tiny_llama)
 from .qlora import LinearNF4, inject_qlora, model_bytes, quantize_model
 from .quant import dequantize_nf4, nf4_codebook, quantize_nf4

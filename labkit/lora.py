@@ -13,6 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 INITS = ("kaiming", "gaussian", "zeros", "random")
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]          # the attention projections of a Llama-style model
+
+
+def lora_scaling(alpha, r, use_rslora=False):
+    """What LoRA multiplies B A by: alpha / r, or rsLoRA's alpha / sqrt(r) (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -23,11 +29,10 @@ class LoRALinear(nn.Module):
         _check_lora_args(base, r, alpha, dropout, init)
         self.base = base.requires_grad_(False)                    # W0 (and bias): frozen
         self.r, self.alpha, self.init = r, alpha, init
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r   # rsLoRA or LoRA
+        self.scaling = lora_scaling(alpha, r, use_rslora)         # alpha / r, or alpha / sqrt(r) (rsLoRA)
         # A and B are kept in fp32 whatever the base's dtype (bf16, or 4 bits in chapter 5), as peft
         # keeps them (autocast_adapter_dtype): small updates to them are not lost to bf16's 8 bits.
-        device = base.packed.device if _is_4bit(base) else base.weight.device
-        kw = dict(device=device, dtype=dtype or torch.float32)
+        kw = dict(device=_device(base), dtype=dtype or torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))     # A: (r, in)
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **kw))    # B: (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -39,7 +44,7 @@ class LoRALinear(nn.Module):
         if init in ("kaiming", "random"):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))    # peft's default for A
         elif init == "gaussian":
-            nn.init.normal_(A, std=1 / self.r)             # the paper's Gaussian A (peft's "gaussian")
+            nn.init.normal_(A, std=1 / self.r)             # peft's "gaussian": the paper says Gaussian, σ = 1/r is peft's
         else:
             nn.init.zeros_(A)                              # "zeros": an ablation, nothing can learn
         if init == "random":
@@ -73,8 +78,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, delta):
-        if _is_4bit(self.base):
-            self.base.add_to_weight(delta)                          # re-quantizes: lossy (chapter 5)
+        if hasattr(self.base, "add_to_weight"):       # a base that stores W its own way (4 bits: chapter 5)
+            self.base.add_to_weight(delta)
         else:
             self.base.weight += delta.to(self.base.weight.dtype)
 
@@ -82,13 +87,21 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, init={self.init!r}, merged={self.merged}"
 
 
-def _is_4bit(module):
-    return getattr(module, "is_4bit_linear", False)
+def _device(module):
+    return next(iter([*module.parameters(), *module.buffers()])).device
 
 
 def is_linear(module):
-    """An nn.Linear, or labkit's 4-bit LinearNF4 (chapter 5): what LoRA can wrap."""
-    return isinstance(module, nn.Linear) or _is_4bit(module)
+    """What LoRA can wrap: an nn.Linear, or a layer that offers what LoRALinear uses of one
+    (in_features, out_features, forward, add_to_weight), as chapter 5's 4-bit LinearNF4 does."""
+    return isinstance(module, nn.Linear) or all(hasattr(module, a) for a in ("in_features", "out_features",
+                                                                              "add_to_weight"))
+
+
+def packed_weights(model):
+    """Weights that layers store outside their parameters (a 4-bit layer's packed bytes), counted
+    as the weights they stand for."""
+    return sum(getattr(m, "packed_weights", 0) for m in model.modules())
 
 
 def _check_lora_args(base, r, alpha, dropout, init):
@@ -134,17 +147,7 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
     A second call may add targets with the same settings (model.lora_config then lists them all);
     labkit keeps one setting per model, so other settings are an error."""
     settings = dict(r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora)
-    old = getattr(model, "lora_config", None)
-    had = old is not None and bool(lora_layers(model))
-    if had:
-        differ = {k: (old[k], v) for k, v in settings.items() if old.get(k) != v}
-        if differ:
-            raise ValueError(f"this model already has LoRA layers with other settings {differ} (old, new): labkit "
-                             "keeps one setting per model; inject every target in one call, or use peft's "
-                             "rank_pattern/alpha_pattern for per-module settings")
-        if isinstance(old["target_modules"], str) or isinstance(target_modules, str):
-            raise ValueError("a second inject_lora call cannot be combined with a regular expression: name all "
-                             "targets in one call")
+    earlier = _earlier_targets(model, settings, target_modules)          # [] on a first call
     targets = find_targets(model, target_modules)
     if not targets:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
@@ -157,13 +160,30 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
         if not is_linear(module):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear: "
                             "LoRALinear can only wrap linear layers")
-    model.requires_grad_(False)
-    for name in targets:
+    model.requires_grad_(False)                                  # freeze every weight of the model,
+    for name in targets:                                         # then put a LoRALinear around each target
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora))
-    if had:
-        target_modules = list(old["target_modules"]) + [t for t in target_modules if t not in old["target_modules"]]
+    if earlier:
+        target_modules = earlier + [t for t in target_modules if t not in earlier]
     model.lora_config = dict(target_modules=target_modules, **settings)
     return model
+
+
+def _earlier_targets(model, settings, target_modules):
+    """The targets of an earlier inject_lora call on `model` ([] if none), after checking that this
+    call uses the same settings."""
+    old = getattr(model, "lora_config", None)
+    if old is None or not lora_layers(model):
+        return []
+    differ = {k: (old[k], v) for k, v in settings.items() if old.get(k) != v}
+    if differ:
+        raise ValueError(f"this model already has LoRA layers with other settings {differ} (old, new): labkit "
+                         "keeps one setting per model; inject every target in one call, or use peft's "
+                         "rank_pattern/alpha_pattern for per-module settings")
+    if isinstance(old["target_modules"], str) or isinstance(target_modules, str):
+        raise ValueError("a second inject_lora call cannot be combined with a regular expression: name all "
+                         "targets in one call")
+    return list(old["target_modules"])
 
 
 def replace_module(model, name, module):
@@ -212,8 +232,7 @@ def count_parameters(model):
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    total += sum(m.in_features * m.out_features for m in model.modules() if _is_4bit(m))
-    return trainable, total
+    return trainable, total + packed_weights(model)
 
 
 def lora_report(model, show=True):

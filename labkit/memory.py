@@ -1,100 +1,12 @@
-"""Memory: the bill of a training step on paper, and measured (chapter 0, then chapters 5 and 6).
-
-Two measurements: tracked_peak accounts for every tensor with PyTorch's MemTracker and labels
-it (weights, gradients, optimizer, activations), repeatably; peak_memory reads the process's
-resident memory on a CPU (Linux /proc, sampled every half millisecond), or
-torch.cuda.max_memory_allocated on CUDA.
+"""Memory on paper: the bill of a training step from parameter counts and the model's shape
+(chapter 0, then chapters 5 to 7). Measuring lives in lk.measure; its functions are also reachable
+here (lk.memory.tracked_peak, ...), since each chapter compares a prediction with a measurement.
 """
-import ctypes
-import threading
-import time
-from contextlib import contextmanager
-
 import torch
 
-
-def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-try:
-    import os
-    _PAGE = os.sysconf("SC_PAGE_SIZE")
-except (ValueError, OSError, AttributeError):
-    _PAGE = 4096
-
-
-def _trim():
-    """Give freed heap memory back to the OS, so the baseline is not inflated by earlier cells."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def held_memory():
-    """Bytes this process holds now (resident memory, after giving freed heap back to the OS)."""
-    _trim()
-    return _rss()
-
-
-def peak_memory(fn, device="cpu"):
-    """Run fn(); return (its result, peak extra memory in bytes above the memory in use before)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = fn()
-        torch.cuda.synchronize()
-        return result, torch.cuda.max_memory_allocated() - before
-    try:
-        _rss()
-    except OSError:
-        raise RuntimeError("measuring CPU memory needs Linux's /proc (use a Linux machine or Colab)") from None
-    _trim()
-    before = peak = _rss()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        result = fn()
-    finally:
-        done.set()
-        t.join()
-    return result, max(peak, _rss()) - before
-
-
-@contextmanager
-def count_saved_tensors(model=None):
-    """Counts the bytes autograd saves for backward inside the block: the activations. Each storage
-    is counted once, and the model's own parameters (also saved, but already in memory) not at all.
-
-        with count_saved_tensors(model) as saved:
-            loss = model(**batch).loss
-        saved["bytes"], saved["tensors"]
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
-    seen, info = set(), {"bytes": 0, "tensors": 0}
-
-    def pack(t):
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in seen and key not in params and not isinstance(t, torch.nn.Parameter):
-            seen.add(key)
-            info["bytes"] += st.nbytes()
-            info["tensors"] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield info
+from .lora import QKVO
+from .measure import count_saved_tensors, held_memory, peak_memory, tracked_peak  # noqa: F401 (measuring)
+from .quant import nf4_bits
 
 
 def training_bill(n_params, n_trainable=None, param_bytes=4, grad_bytes=None, optimizer="adamw",
@@ -134,53 +46,6 @@ def parameter_groups(model):
     return groups
 
 
-_CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT": "activations",
-               "TEMP": "temporaries", "BUFFER": "buffers", "OTH": "other"}
-
-
-def _mem_tracker():
-    """torch's MemTracker, taught to leave frozen parameters alone: as shipped it installs a
-    gradient hook on every parameter of every module it enters, which raises for parameters that
-    do not require grad, i.e. for every LoRA or QLoRA model."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-
-    class FrozenAwareMemTracker(MemTracker):
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-            if install_grad_hooks:
-                def hook(grad):                                     # must return None
-                    self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
-
-                for p in module.parameters():
-                    if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
-                        self._param_to_grad_hook_handles[p] = (
-                            p.register_hook(hook),
-                            p.register_post_accumulate_grad_hook(lambda q: hook(q.grad)))
-            return out
-
-    return FrozenAwareMemTracker()
-
-
-def tracked_peak(fn, *tracked):
-    """Run fn() while PyTorch's MemTracker accounts for every tensor; return (fn's result,
-    {category: bytes} at the moment of peak memory, on the device that peaked highest).
-
-    `tracked` are the model(s) and optimizer(s), so that their tensors are labelled weights,
-    gradients and optimizer states. This counts tensors, not the allocator's pages: it repeats
-    exactly from run to run, unlike the process's resident memory (see peak_memory)."""
-    tracker = _mem_tracker()
-    tracker.track_external(*tracked)
-    with tracker:
-        result = fn()
-    snapshot = tracker.get_tracker_snapshot("peak")
-    device = max(snapshot, key=lambda d: snapshot[d].get("Total", 0))
-    peak = {}
-    for key, value in snapshot[device].items():
-        name = getattr(key, "name", str(key)).rsplit(".", 1)[-1]
-        peak[_CATEGORIES.get(name, name.lower())] = value
-    return result, peak
-
-
 def method_bill(n_params, n_trainable, method, n_quantized=None):
     """Bytes of weights, gradients and AdamW states (no activations) for one fine-tuning method,
     as the QLoRA paper counts them:
@@ -197,7 +62,7 @@ def method_bill(n_params, n_trainable, method, n_quantized=None):
         return {"weights": 2 * n_params + 4 * n_trainable, **adapters}
     if method == "qlora":
         n_quantized = n_params if n_quantized is None else n_quantized
-        nf4 = n_quantized * (4 + 8 / 64 + 32 / (64 * 256)) / 8
+        nf4 = n_quantized * nf4_bits(64, double_quant=True) / 8
         return {"weights": nf4 + 2 * (n_params - n_quantized) + 4 * n_trainable, **adapters}
     raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
 
@@ -205,7 +70,7 @@ def method_bill(n_params, n_trainable, method, n_quantized=None):
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def activation_bytes(config, batch, seq, method="full", targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8,
+def activation_bytes(config, batch, seq, method="full", targets=QKVO, r=8,
                      dtype_bytes=4):
     """Bytes autograd saves for backward in one forward pass of a Llama-style decoder (SmolLM2,
     Llama, Mistral with sdpa attention), counted tensor by tensor, per token.
@@ -264,7 +129,7 @@ def activation_bytes(config, batch, seq, method="full", targets=("q_proj", "k_pr
     return batch * seq * total * dtype_bytes
 
 
-def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8, foreach=None):
+def predict_peak(model, batch, seq, method, targets=QKVO, r=8, foreach=None):
     """Peak bytes of one fp32 training step (after the first, when AdamW's states exist), on paper:
 
         weights + max(backward: optimizer + activations + logits and their gradient,
@@ -275,9 +140,9 @@ def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj
     one: sqrt(v), then its scaled copy), or for all tensors at once with foreach (CUDA's default):
     one copy of all trainable parameters. Returns {weights, gradients, optimizer, activations,
     temporaries, total, phase}; compare with tracked_peak."""
-    from .lora import _is_4bit, count_parameters
+    from .lora import count_parameters, packed_weights
     trainable, total = count_parameters(model)
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if _is_4bit(m))
+    quantized = packed_weights(model)
     largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0)
     foreach = next(model.parameters()).is_cuda if foreach is None else foreach
     return _peak(model.config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach)
@@ -285,8 +150,7 @@ def predict_peak(model, batch, seq, method, targets=("q_proj", "k_proj", "v_proj
 
 def _peak(config, total, trainable, quantized, largest, batch, seq, method, targets, r, foreach,
           fresh_optimizer=False, extra_saved=0):
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)                 # NF4 with double quantization
-    bill = {"weights": 4 * (total - quantized) + quantized * nf4_bits / 8,
+    bill = {"weights": 4 * (total - quantized) + quantized * nf4_bits(64, double_quant=True) / 8,
             "gradients": 4 * trainable, "optimizer": 8 * trainable,
             "activations": activation_bytes(config, batch, seq, method, targets, r) + extra_saved}
     logits = 2 * 4 * batch * seq * config.vocab_size         # the logits and their gradient
@@ -311,7 +175,7 @@ def _linear_shapes(config):
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def config_counts(config, method="full", targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8):
+def config_counts(config, method="full", targets=QKVO, r=8):
     """Parameter counts of a Llama-style model from its config alone (no weights needed, so any
     size): {total, trainable, quantized, largest_trainable}. `total` includes LoRA's adapters, as
     count_parameters does; "qlora" quantizes every linear layer of the decoder (not the head)."""
@@ -336,7 +200,7 @@ def config_counts(config, method="full", targets=("q_proj", "k_proj", "v_proj", 
             "quantized": L * linear if method == "qlora" else 0, "largest_trainable": largest}
 
 
-def predict_peak_config(config, batch, seq, method, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r=8,
+def predict_peak_config(config, batch, seq, method, targets=QKVO, r=8,
                         foreach=False, fresh_optimizer=False, extra_saved=0):
     """predict_peak from a config alone (a 7B or 70B model needs no weights): the same bill,
     with the parameter counts of config_counts.

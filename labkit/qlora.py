@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import count_parameters, find_targets, inject_lora, replace_module
-from .quant import QuantState4, dequantize_nf4, nf4_codebook, quantize_nf4
+from .quant import QuantState4, dequantize_nf4, nf4_bits, nf4_codebook, quantize_nf4
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -33,9 +33,8 @@ class _NF4Linear(torch.autograd.Function):
 
 
 class LinearNF4(nn.Module):
-    """A frozen nn.Linear whose weight lives as packed NF4 (two weights per byte)."""
-
-    is_4bit_linear = True
+    """A frozen nn.Linear whose weight lives as packed NF4 (two weights per byte). It offers what
+    LoRALinear needs of a base layer: in_features, out_features, forward and add_to_weight."""
 
     def __init__(self, linear, blocksize=64, double_quant=True, compute_dtype=torch.float32):
         super().__init__()
@@ -50,6 +49,7 @@ class LinearNF4(nn.Module):
         packed, s = quantize_nf4(W, blocksize, double_quant)
         self.blocksize, self.double_quant, self.weight_dtype = blocksize, double_quant, W.dtype
         self.register_buffer("packed", packed)                    # (out*in/2, 1) uint8
+        self.packed_weights = W.numel()                           # counted as parameters (as peft does)
         self.register_buffer("absmax", s.absmax)                  # per block: fp32, or uint8 with DQ
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(name, getattr(s, name))          # None without double quantization
@@ -133,7 +133,7 @@ def footprint_table(name="smollm2"):
     n_total = count_parameters(fp32)[1]
     n_linear = sum(fp32.get_submodule(n).weight.numel() for n in find_targets(fp32, "all-linear"))
     other = n_total - n_linear
-    bits = {"NF4": 4 + 32 / 64, "NF4 + double quant": 4 + 8 / 64 + 32 / (64 * 256)}
+    bits = {"NF4": nf4_bits(64), "NF4 + double quant": nf4_bits(64, double_quant=True)}
     rows = [dict(format="fp32", arithmetic=4 * n_total, labkit=model_bytes(fp32), bnb=fp32.get_memory_footprint()),
             dict(format="bf16", arithmetic=2 * n_total, labkit=model_bytes(load_model(name, dtype=torch.bfloat16)[0]),
                  bnb=None)]

@@ -1,0 +1,144 @@
+"""Memory, measured (chapters 0, 5 and 6). lk.memory predicts the same bills from counts and shapes.
+
+Two measurements: tracked_peak accounts for every tensor with PyTorch's MemTracker and labels
+it (weights, gradients, optimizer, activations), repeatably; peak_memory reads the process's
+resident memory on a CPU (Linux /proc, sampled every half millisecond), or
+torch.cuda.max_memory_allocated on CUDA. count_saved_tensors counts what autograd keeps for backward.
+"""
+import ctypes
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+try:
+    import os
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):
+    _PAGE = 4096
+
+
+def _trim():
+    """Give freed heap memory back to the OS, so the baseline is not inflated by earlier cells."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def held_memory():
+    """Bytes this process holds now (resident memory, after giving freed heap back to the OS)."""
+    _trim()
+    return _rss()
+
+
+def peak_memory(fn, device="cpu"):
+    """Run fn(); return (its result, peak extra memory in bytes above the memory in use before)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    try:
+        _rss()
+    except OSError:
+        raise RuntimeError("measuring CPU memory needs Linux's /proc (use a Linux machine or Colab)") from None
+    _trim()
+    before = peak = _rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    return result, max(peak, _rss()) - before
+
+
+@contextmanager
+def count_saved_tensors(model=None):
+    """Counts the bytes autograd saves for backward inside the block: the activations. Each storage
+    is counted once, and the model's own parameters (also saved, but already in memory) not at all.
+
+        with count_saved_tensors(model) as saved:
+            loss = model(**batch).loss
+        saved["bytes"], saved["tensors"]
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+    seen, info = set(), {"bytes": 0, "tensors": 0}
+
+    def pack(t):
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key not in seen and key not in params and not isinstance(t, torch.nn.Parameter):
+            seen.add(key)
+            info["bytes"] += st.nbytes()
+            info["tensors"] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield info
+
+
+_CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT": "activations",
+               "TEMP": "temporaries", "BUFFER": "buffers", "OTH": "other"}
+
+
+def _mem_tracker():
+    """torch's MemTracker, taught to leave frozen parameters alone: as shipped it installs a
+    gradient hook on every parameter of every module it enters, which raises for parameters that
+    do not require grad, i.e. for every LoRA or QLoRA model."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                def hook(grad):                                     # must return None
+                    self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                for p in module.parameters():
+                    if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                        self._param_to_grad_hook_handles[p] = (
+                            p.register_hook(hook),
+                            p.register_post_accumulate_grad_hook(lambda q: hook(q.grad)))
+            return out
+
+    return FrozenAwareMemTracker()
+
+
+def tracked_peak(fn, *tracked):
+    """Run fn() while PyTorch's MemTracker accounts for every tensor; return (fn's result,
+    {category: bytes} at the moment of peak memory, on the device that peaked highest).
+
+    `tracked` are the model(s) and optimizer(s), so that their tensors are labelled weights,
+    gradients and optimizer states. This counts tensors, not the allocator's pages: it repeats
+    exactly from run to run, unlike the process's resident memory (see peak_memory)."""
+    tracker = _mem_tracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        result = fn()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    device = max(snapshot, key=lambda d: snapshot[d].get("Total", 0))
+    peak = {}
+    for key, value in snapshot[device].items():
+        name = getattr(key, "name", str(key)).rsplit(".", 1)[-1]
+        peak[_CATEGORIES.get(name, name.lower())] = value
+    return result, peak
