@@ -102,6 +102,18 @@ def pack_nibbles(idx):
     return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1)                      # ((n+1)//2, 1)
 
 
+def unpack_nibbles(packed):
+    """The inverse of pack_nibbles: the 4-bit indices, high nibble first (2 per byte)."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)        # (2 * bytes,)
+
+
+def code_values(packed, code):
+    """Each stored weight's value in [-1, 1]: its index looked up in the codebook. This is the
+    whole decode; dequantize_nf4 calls _code_values_fast, which gives the same tensor faster."""
+    return code[unpack_nibbles(packed).long()]
+
+
 # --------------------------------------------------------------------------------------------
 # Double quantization: the absmax constants, quantized again to 8 bits
 
@@ -216,7 +228,7 @@ def dequantize_nf4(packed, state):
     if absmax.numel() != n_blocks:
         raise ValueError(f"this state does not belong to the packed data: {absmax.numel()} absmax values "
                          f"for {n_blocks} blocks of {state.blocksize}")
-    out = _lookup(packed.reshape(-1), state.code)[:n]                                 # in [-1, 1], a new tensor
+    out = _code_values_fast(packed.reshape(-1), state.code)[:n]         # code_values(): in [-1, 1], a new tensor
     full = n - n % state.blocksize
     out[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize, None])  # x its block's absmax
     out[full:].mul_(absmax[-1])                                                     # the short last block
@@ -226,10 +238,10 @@ def dequantize_nf4(packed, state):
 _TABLES = {}
 
 
-def _lookup(flat, code):
-    """The code values of every nibble of `flat` (uint8), high nibble first. Speed: bytes are read
-    two at a time, as one 16-bit number, through a table of the 4 values each of the 65,536 pairs
-    of bytes holds (1 MiB, built once per codebook and device)."""
+def _code_values_fast(flat, code):
+    """code_values(flat, code), faster: bytes are read two at a time, as one 16-bit number, through a
+    table of the 4 values each of the 65,536 pairs of bytes holds (1 MiB, built once per codebook
+    and device). tests/test_quant.py checks it equal to code_values; chapter 5 trains through it."""
     key = (tuple(code.tolist()), str(flat.device))
     if key not in _TABLES:
         code16 = torch.cat([code, code.new_zeros(16 - len(code))]).to(flat.device)   # FP4, int4: 15 values
@@ -250,6 +262,13 @@ def _lookup(flat, code):
 def dequantize_4bit(packed, state):
     """Same as dequantize_nf4, for any codebook (FP4, int4, the paper's NF4)."""
     return dequantize_nf4(packed, state)
+
+
+def nf4_bits(blocksize=64, double_quant=False, blocksize2=256):
+    """Bits stored per weight by 4-bit blockwise quantization, on paper: 4 for the code, plus an fp32
+    absmax per block; with double quantization, an 8-bit absmax per block plus an fp32 constant per
+    `blocksize2` blocks. 4.5 and about 4.127 at QLoRA's block size of 64."""
+    return 4 + (8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize)
 
 
 def bits_per_parameter(packed, state):

@@ -119,11 +119,14 @@ def test_double_quant_state(shape, blocksize):
     assert torch.equal(s_l.block_absmax()[same], theirs_absmax[same])
 
 
-def test_double_quant_matches_fully_on_a_real_sized_matrix():
+def test_double_quant_on_a_real_sized_matrix_differs_only_at_ties():
+    """The 4-bit codes are identical; of the 13,824 8-bit constants, those within ~1e-5 of a midpoint
+    may round the other way in bitsandbytes' kernel (measured: 27, 0.2%; see the test above)."""
     w = weights((576, 1536), seed=2)                           # SmolLM2's MLP shape
     (p_b, s_b), (p_l, s_l) = both(w, 64, double_quant=True)
+    assert torch.equal(p_l, p_b)
     agree = (s_l.absmax == s_b.absmax).float().mean().item()
-    assert agree > 0.99
+    assert agree > 0.997
     torch.testing.assert_close(q.dequantize_nf4(p_l, s_l), bnbF.dequantize_4bit(p_b, s_b), rtol=0.02, atol=1e-4)
 
 
@@ -185,3 +188,23 @@ def test_state_that_does_not_belong_to_the_data():
         q.dequantize_nf4(p.float(), s)
     with pytest.raises(TypeError, match="QuantState4"):
         q.dequantize_nf4(p, {"absmax": s.absmax})
+
+
+@pytest.mark.parametrize("n_bytes", [1, 2, 255, 256, 257, 4096 + 1])
+def test_fast_decode_equals_the_plain_one(n_bytes):
+    """dequantize_nf4 reads nibbles through a 65,536-row table (_code_values_fast); it must give exactly
+    what the plain decode (code_values: unpack, then index the codebook) gives, for every byte
+    value, odd byte counts, and each codebook."""
+    g = torch.Generator().manual_seed(n_bytes)
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (n_bytes,), generator=g,
+                                                                           dtype=torch.uint8)])[-n_bytes:]
+    if n_bytes >= 256:
+        packed[:256] = torch.arange(256, dtype=torch.uint8)                     # every byte value at least once
+    for code in (q.nf4_codebook(), q.fp4_codebook(), q.int4_codebook()):
+        some = packed if len(code) == 16 else packed & 0xEE             # FP4 and int4 have 15 values: 0-14
+        assert torch.equal(q._code_values_fast(some, code), q.code_values(some, code))
+
+
+def test_unpack_inverts_pack():
+    idx = torch.randint(0, 16, (1001,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(q.unpack_nibbles(q.pack_nibbles(idx))[:1001], idx.to(torch.uint8))
