@@ -88,23 +88,39 @@ def model_card_text(max_chars=3000):
     return text[:max_chars]
 
 
-def field_accuracy(predictions, references):
+def field_accuracy(predictions, references, first_object=False):
     """{field: fraction of predictions whose parsed JSON has the reference's value for it}.
-    A prediction that is not a JSON object counts as wrong on every field."""
+    A prediction that is not a JSON object counts as wrong on every field. With `first_object`,
+    the first JSON object in the prediction is read and whatever surrounds it is ignored: what the
+    model knows, apart from whether it keeps to the format."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     refs = [json.loads(r) for r in references]
     fields = list(refs[0]) if refs else []
     right = {f: 0 for f in fields}
     for p, r in zip(predictions, refs):
-        try:
-            got = json.loads(p)
-        except ValueError:
-            continue
+        got = _first_json_object(p) if first_object else _json_or_none(p)
         if isinstance(got, dict):
             for f in fields:
                 right[f] += got.get(f) == r.get(f)
     return {f: right[f] / len(refs) for f in fields}
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _first_json_object(text):
+    start = text.find("{")
+    while start != -1:
+        try:
+            return json.JSONDecoder().raw_decode(text, start)[0]
+        except ValueError:
+            start = text.find("{", start + 1)
+    return None
 
 
 def probe_correct(answers, rows):

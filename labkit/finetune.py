@@ -8,12 +8,11 @@ import time
 import torch
 
 from . import data, text
-from .lora import count_parameters, inject_lora, save_adapter
+from .lora import QKVO, count_parameters, inject_lora, save_adapter
 from .memory import tracked_peak
 from .session import amp_dtype
 from .train import autocast, input_device, to_device, train
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # The learning rate each method trains with by default. Full fine-tuning, LoRA and QLoRA keep the
 # rates chapter 6 trains with; the others are the best of chapter 8's search (12 steps of 8
 # examples on the people task, chosen on the validation loss; data/results/peft_family.json,

@@ -3,18 +3,16 @@ rsLoRA, targets), the sweeps that reproduce the LoRA paper's findings at small s
 paper's subspace similarity. The sweeps are cached in data/results/rank_lab.json by
 scripts/run_rank_lab.py; the chapter and its widgets read that file."""
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from . import data, text
-from .lora import count_parameters, inject_lora, lora_layers
+from .lora import QKVO, count_parameters, inject_lora, lora_layers, lora_scaling
 from .memory import LLAMA_LINEARS, config_counts
 from .train import train
 
 QV = ["q_proj", "v_proj"]
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = list(LLAMA_LINEARS)
 TARGET_SETS = {"q,v": QV, "q,k,v,o": QKVO, "all": ALL}
 
@@ -30,7 +28,7 @@ def scaling(r, alpha, rslora=False):
     """The factor LoRA multiplies B A by: alpha / r, or rsLoRA's alpha / sqrt(r)."""
     if r < 1:
         raise ValueError(f"rank r must be >= 1, got {r}")
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    return lora_scaling(alpha, r, rslora)
 
 
 def step_scale(r, alpha, lr, rslora=False):

@@ -127,31 +127,53 @@ def minilm_path():
 
 # --------------------------------------------------------------------------------------------
 
+def _where(name):
+    """(path, model class, local files only) for a model name."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    if name == SMOLLM2:
+        return smollm2_path(), AutoModelForCausalLM, True
+    if name == MINILM:
+        return minilm_path(), AutoModel, True
+    return name, AutoModelForCausalLM, False
+
+
+def _unavailable(name, e):
+    return ModelUnavailable(
+        f"could not fetch '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+        "Without a network (or with HF_HUB_OFFLINE=1) use the offline models: "
+        "load_model('smollm2') or load_model('minilm').")
+
+
+def load_tokenizer(name=SMOLLM2):
+    """The tokenizer of `name` alone (no weights), with end-of-text as the pad token where the
+    tokenizer has none (e.g. Llama's): padding is masked out, so any token will do."""
+    from transformers import AutoTokenizer
+    path, _, local = _where(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except OSError as e:
+        if local:
+            raise
+        raise _unavailable(name, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(name=SMOLLM2, dtype=torch.float32, device=None, **kwargs):
     """(model, tokenizer). `name` is "smollm2", "minilm" or a Hugging Face model id (needs a network).
 
     Extra keyword arguments go to `from_pretrained` (e.g. quantization_config, attn_implementation)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()                   # keeps notebook outputs the same from run to run
-    if name == SMOLLM2:
-        path, cls, local = smollm2_path(), AutoModelForCausalLM, True
-    elif name == MINILM:
-        path, cls, local = minilm_path(), AutoModel, True
-    else:
-        path, cls, local = name, AutoModelForCausalLM, False
+    tok = load_tokenizer(name)
+    path, cls, local = _where(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = cls.from_pretrained(path, dtype=dtype, local_files_only=local, **kwargs)
     except OSError as e:
         if local:
             raise
-        raise ModelUnavailable(
-            f"could not fetch '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
-            "Without a network (or with HF_HUB_OFFLINE=1) use the offline models: "
-            "load_model('smollm2') or load_model('minilm').") from e
-    if tok.pad_token is None:                # e.g. Llama's tokenizers: padding is masked out, so end-of-text will do
-        tok.pad_token = tok.eos_token
+        raise _unavailable(name, e) from e
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

@@ -15,6 +15,7 @@ import io
 import matplotlib
 
 from . import lab, lowrank
+from .lora import QKVO
 from .memory import LLAMA_LINEARS, config_counts, method_bill, predict_peak_config
 
 MIB, GIB = 2**20, 2**30
@@ -171,7 +172,7 @@ def rank_alpha_figure(results, s):
     """Left: loss curves at the chosen r (the chosen run bold). Right: every cached run's final
     loss against scaling x r x lr, the product that sets the size of LoRA's early updates."""
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
     for x in s["neighbours"]:
         a.plot(range(1, len(x["losses"]) + 1), x["losses"], color="0.75", lw=1)
     if s["run"] is not None:
@@ -182,7 +183,12 @@ def rank_alpha_figure(results, s):
     a.set(xlabel="step", ylabel="training loss", title=f"r = {s['key'].split('r=')[1].split()[0]} (grey: other cached runs)")
     runs = [x for x in results["runs"].values() if x["targets"] == "q,v"]
     xs = [lab.step_scale(x["r"], x["alpha"], x["lr"], x["rslora"]) for x in runs]
-    b.scatter(xs, [x["losses"][-1] for x in runs], c=[x["r"] for x in runs], cmap="viridis", norm=matplotlib.colors.LogNorm())
+    dots = b.scatter(xs, [x["losses"][-1] for x in runs], c=[x["r"] for x in runs], cmap="viridis",
+                     norm=matplotlib.colors.LogNorm())
+    ranks = sorted({x["r"] for x in runs})
+    bar = fig.colorbar(dots, ax=b, label="rank r", ticks=ranks)
+    bar.ax.set_yticklabels([str(r) for r in ranks])
+    bar.ax.minorticks_off()
     if s["run"] is not None:
         b.scatter([s["step_scale"]], [s["run"]["losses"][-1]], s=160, facecolors="none", edgecolors="C3", lw=2)
     else:
@@ -266,7 +272,7 @@ def find_measured(measured, model, method, r, targets, batch, seq):
     return None
 
 
-def memory_summary(model, method, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch=8, seq=128,
+def memory_summary(model, method, r=8, targets=QKVO, batch=8, seq=128,
                    measured=None):
     """Predicted peak of one fp32 training step (lk.memory.predict_peak_config) and, for the same
     counts, the QLoRA paper's bf16 accounting of the states (no activations). `measured` (see
@@ -315,7 +321,7 @@ def memory_figure(s):
     return fig
 
 
-def memory_calculator(measured=None, model="SmolLM2-135M", method="lora", r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+def memory_calculator(measured=None, model="SmolLM2-135M", method="lora", r=8, targets=QKVO,
                       batch=8, seq=128):
     """Model size, method, r, targets, batch and sequence length; a stacked bar of the predicted peak."""
     import ipywidgets as w

@@ -83,8 +83,9 @@ def test_a_tokenizer_without_pad_token():
         text.collate([text.encode(tok, "a", "b")], tok.pad_token_id)
 
 
-def test_load_model_gives_a_tokenizer_without_pad_token_one(monkeypatch):
-    """Llama-style tokenizers come without a pad token; load_model falls back to end-of-text."""
+def test_load_tokenizer_gives_a_tokenizer_without_pad_token_one(monkeypatch):
+    """Llama-style tokenizers come without a pad token; load_tokenizer (and so load_model) falls back
+    to end-of-text."""
     import transformers
     real = transformers.AutoTokenizer.from_pretrained
 
@@ -93,7 +94,8 @@ def test_load_model_gives_a_tokenizer_without_pad_token_one(monkeypatch):
         tok.pad_token = None
         return tok
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_pad)
-    _, tok = lk.load_model("smollm2")
+    assert no_pad(lk.smollm2_path()).pad_token is None                  # the fallback is needed
+    tok = lk.load_tokenizer("smollm2")
     assert tok.pad_token == tok.eos_token and tok.pad_token_id is not None
 
 
@@ -159,7 +161,7 @@ def test_tracked_peak_handles_frozen_bases(make):
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
 
-    tracker = memory._mem_tracker()
+    tracker = lk.measure._mem_tracker()
     tracker.track_external(model, opt)
     with tracker:
         step()
@@ -178,6 +180,14 @@ def test_field_accuracy():
     assert data.field_accuracy(preds, refs) == {"name": 2 / 3, "age": 1 / 3}
     with pytest.raises(ValueError):
         data.field_accuracy(preds[:2], refs)
+
+
+def test_field_accuracy_of_the_first_object_ignores_what_surrounds_it():
+    refs = ['{"name": "A B", "age": 30}', '{"name": "C D", "age": 41}', '{"name": "E F", "age": 52}']
+    preds = ['Sure! {\n  "name": "A B",\n  "age": 30\n}\n\nJSON:\n{', '{broken {"name": "C D", "age": 40} x',
+             'no object at all']
+    assert data.field_accuracy(preds, refs) == {"name": 0.0, "age": 0.0}             # strict: none parses
+    assert data.field_accuracy(preds, refs, first_object=True) == {"name": 2 / 3, "age": 1 / 3}
 
 
 @pytest.mark.slow

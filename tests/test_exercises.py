@@ -48,7 +48,7 @@ def test_trainable_count():
 
 def test_chapter6_checkers(capsys):
     import labkit as lk
-    tok = lk.load_model()[1]
+    tok = lk.load_tokenizer()
     rows = lk.data.load_task("people")["train"][:20]
     ex.check_answer_fraction(lambda b: (b["labels"] != -100).float().mean().item(), tok, rows)
     assert "✓" in capsys.readouterr().out

@@ -32,7 +32,10 @@ def test_activation_arithmetic_matches_what_autograd_saves(method, targets, B, T
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_predicted_peak_within_15_percent_of_memtracker(method):
+def test_predicted_peak_within_1_percent_of_memtracker(method):
+    """The README quotes the benchmark's 0.1% on SmolLM2 (scripts/bench_finetune.py). On this toy model
+    the small tensors the prediction leaves out (norms, buffers) weigh more: measured 0.08% (full),
+    0.13% (LoRA) and 0.68% (QLoRA) under the count. 1% holds all three."""
     model = prepared(method)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, SHAPE["vocab_size"], (4, 48), generator=torch.Generator().manual_seed(0))
@@ -45,7 +48,7 @@ def test_predicted_peak_within_15_percent_of_memtracker(method):
     step()
     _, measured = memory.tracked_peak(step, model, opt)
     predicted = memory.predict_peak(model, 4, 48, method, QKVO, r=8)
-    assert abs(predicted["total"] / measured["total"] - 1) < 0.15, (predicted, measured)
+    assert abs(predicted["total"] / measured["total"] - 1) < 0.01, (predicted, measured)
 
 
 def test_activation_arithmetic_rejects_bad_input():
@@ -89,7 +92,7 @@ def test_table_prints_a_dash_where_a_row_has_no_value():
 
 @pytest.fixture(scope="module")
 def tok():
-    return lk.load_model()[1]
+    return lk.load_tokenizer()
 
 
 def tiny_for(tok):

@@ -76,7 +76,7 @@ def test_subspace_similarity_limits():
 
 @pytest.fixture(scope="module")
 def tok():
-    return lk.load_model()[1]
+    return lk.load_tokenizer()
 
 
 def test_lora_run_repeats_itself_and_reports_progress(tok):
