@@ -11,7 +11,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm          # text, not a widget: a saved notebook shows the finished bar (scripts/tidy_notebooks.py)
 
 
 def lr_factor(step, steps, warmup=0, schedule="constant"):
