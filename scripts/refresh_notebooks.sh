@@ -3,7 +3,7 @@
 #   bash scripts/refresh_notebooks.sh notebooks/02_lora_layer_from_scratch.ipynb [...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${LABKIT_PYTHON:-.venv/bin/python}
+PY=${LABKIT_PYTHON:-$PWD/.venv/bin/python}
 for nb in "$@"; do
   echo "executing $nb"
   start=$SECONDS
