@@ -260,30 +260,88 @@ def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def save_adapter(model, path):
-    """Write the LoRA weights alone as safetensors, with the injection settings as metadata."""
+def save_adapter(model, path, format="labkit"):
+    """Write the LoRA weights alone. format="labkit": one safetensors file, with the injection
+    settings as metadata. format="peft": a folder in peft's layout (adapter_config.json and
+    adapter_model.safetensors), which PeftModel.from_pretrained loads and serving engines that
+    read peft adapters (vLLM, TGI, ...) accept."""
     import json
     from safetensors.torch import save_file
     config = getattr(model, "lora_config", None)
     if config is None or not lora_layers(model):
         raise ValueError("this model has no LoRA layers: call inject_lora first")
+    if format == "peft":
+        return _save_peft(model, config, path)
+    if format != "labkit":
+        raise ValueError(f"format must be 'labkit' or 'peft', got {format!r}")
     tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(path), metadata={"lora_config": json.dumps(config)})
     return path
 
 
-def load_adapter(model, path):
-    """Load an adapter written by save_adapter into `model`. A model without LoRA layers gets
-    them first, with the settings stored in the file. A model with LoRA layers must have the
-    file's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0 would
-    keep the old update). Shapes and names must match exactly."""
+# peft's names: "base_model.model.<layer>.lora_A.weight" for labkit's "<layer>.lora_A"
+_PEFT_PREFIX, _PEFT_SUFFIX = "base_model.model.", ".weight"
+
+
+def _save_peft(model, config, folder):
     import json
+    from pathlib import Path
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {_PEFT_PREFIX + k + _PEFT_SUFFIX: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"], "lora_alpha": config["alpha"],
+                   "lora_dropout": config["dropout"], "use_rslora": config["use_rslora"], "bias": "none",
+                   "target_modules": config["target_modules"], "fan_in_fan_out": False, "inference_mode": True,
+                   "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    return folder
+
+
+_PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+                     "fan_in_fan_out": False, "modules_to_save": None}
+
+
+def _read_peft(folder):
+    """(labkit config, labkit-named tensors) of an adapter folder in peft's layout."""
+    import json
+    from safetensors.torch import load_file
+    c = json.loads((folder / "adapter_config.json").read_text())
+    if c.get("peft_type") != "LORA":
+        raise ValueError(f"{folder} holds a {c.get('peft_type')} adapter: labkit loads LoRA adapters only")
+    odd = {k: c[k] for k, plain in _PEFT_UNSUPPORTED.items() if c.get(k, plain) not in (plain, None, [], {})}
+    if odd:
+        raise ValueError(f"{folder} uses peft options labkit's LoRALinear does not have: {odd}")
+    config = dict(target_modules=c["target_modules"], r=c["r"], alpha=c["lora_alpha"],
+                  dropout=c.get("lora_dropout", 0.0), init="kaiming", use_rslora=c.get("use_rslora", False))
+    tensors = {}
+    for k, v in load_file(str(folder / "adapter_model.safetensors")).items():
+        if not (k.startswith(_PEFT_PREFIX) and k.endswith(_PEFT_SUFFIX)):
+            raise ValueError(f"{folder}: tensor {k} is not a LoRA weight in peft's naming")
+        tensors[k[len(_PEFT_PREFIX):-len(_PEFT_SUFFIX)]] = v
+    return config, tensors
+
+
+def load_adapter(model, path):
+    """Load an adapter into `model`: a file written by save_adapter, or a folder in peft's layout
+    (written by save_adapter(format="peft") or by peft's save_pretrained). A model without LoRA
+    layers gets them first, with the adapter's settings. A model with LoRA layers must have the
+    adapter's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0
+    would keep the old update). Shapes and names must match exactly."""
+    import json
+    from pathlib import Path
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {}).get("lora_config", "null"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if config is None:
-        raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
+    if Path(path).is_dir():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(f"{path} is a folder without adapter_config.json: not a peft adapter")
+        config, tensors = _read_peft(Path(path))
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            config = json.loads((f.metadata() or {}).get("lora_config", "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if config is None:
+            raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
     layers = lora_layers(model)
     if not layers:
         inject_lora(model, **config)

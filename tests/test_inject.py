@@ -163,3 +163,62 @@ def test_a_second_injection_adds_targets_and_keeps_them_all(tmp_path):
     assert torch.equal(fresh(x).logits, model(x).logits)
     with pytest.raises(ValueError, match="other settings"):
         lk.inject_lora(model, ["k_proj"], r=2, alpha=8)
+
+
+def _trained_lora(seed=0, **overrides):
+    model = lk.inject_lora(lk.tiny_llama(**overrides), ["q_proj", "v_proj"], r=4, alpha=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    return model
+
+
+def test_an_adapter_saved_in_peft_format_loads_in_peft_with_the_same_outputs(tmp_path):
+    from peft import PeftModel
+    ours = _trained_lora()
+    folder = lk.save_adapter(ours, tmp_path / "adapter", format="peft")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    theirs = PeftModel.from_pretrained(lk.tiny_llama(), folder)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-6)
+        assert (theirs(input_ids=ids).logits - lk.tiny_llama()(input_ids=ids).logits).abs().max() > 1e-3  # B != 0
+
+
+def test_a_peft_saved_adapter_loads_into_labkit_with_the_same_outputs(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    theirs = get_peft_model(lk.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"],
+                                                         lora_dropout=0.0, init_lora_weights="gaussian",
+                                                         use_rslora=True))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_adapter(lk.tiny_llama(), tmp_path / "peft")
+    assert ours.lora_config["use_rslora"] and ours.lora_config["alpha"] == 8
+    assert {n.rsplit(".", 1)[-1] for n, _ in lk.lora_layers(ours)} == {"k_proj", "o_proj"}
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_peft_adapters_labkit_cannot_load_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    dora = get_peft_model(lk.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="use_dora"):
+        lk.load_adapter(lk.tiny_llama(), tmp_path / "dora")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without adapter_config.json"):
+        lk.load_adapter(lk.tiny_llama(), tmp_path / "empty")
+
+
+def test_an_adapter_for_another_base_model_is_refused(tmp_path):
+    folder = lk.save_adapter(_trained_lora(hidden_size=64), tmp_path / "adapter", format="peft")
+    with pytest.raises(ValueError, match="shapes that do not match"):
+        lk.load_adapter(lk.tiny_llama(hidden_size=32, intermediate_size=64), folder)
+    with pytest.raises(ValueError, match="format must be"):
+        lk.save_adapter(_trained_lora(), tmp_path / "x", format="gguf")
