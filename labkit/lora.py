@@ -323,25 +323,31 @@ def _read_peft(folder):
     return config, tensors
 
 
-def load_adapter(model, path):
-    """Load an adapter into `model`: a file written by save_adapter, or a folder in peft's layout
-    (written by save_adapter(format="peft") or by peft's save_pretrained). A model without LoRA
-    layers gets them first, with the adapter's settings. A model with LoRA layers must have the
-    adapter's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0
-    would keep the old update). Shapes and names must match exactly."""
+def read_adapter(path):
+    """(settings, {'<layer>.lora_A': A, '<layer>.lora_B': B}) of an adapter file written by
+    save_adapter, or of a folder in peft's layout."""
     import json
     from pathlib import Path
     from safetensors import safe_open
     if Path(path).is_dir():
         if not (Path(path) / "adapter_config.json").is_file():
             raise ValueError(f"{path} is a folder without adapter_config.json: not a peft adapter")
-        config, tensors = _read_peft(Path(path))
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("lora_config", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if config is None:
-            raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
+        return _read_peft(Path(path))
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if config is None:
+        raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
+    return config, tensors
+
+
+def load_adapter(model, path):
+    """Load an adapter into `model`: a file written by save_adapter, or a folder in peft's layout
+    (written by save_adapter(format="peft") or by peft's save_pretrained). A model without LoRA
+    layers gets them first, with the adapter's settings. A model with LoRA layers must have the
+    adapter's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0
+    would keep the old update). Shapes and names must match exactly."""
+    config, tensors = read_adapter(path)
     layers = lora_layers(model)
     if not layers:
         inject_lora(model, **config)

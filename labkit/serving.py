@@ -1,0 +1,122 @@
+"""One base model, many LoRA adapters (issue 14, chapter 9 to come): several adapters loaded beside one
+frozen base, and a batch whose rows each use their own adapter in one forward pass.
+
+The idea behind S-LoRA and Punica: every adapted layer keeps the adapters' A and B stacked,
+(n_adapters, r, in) and (n_adapters, out, r), and each row of the batch gathers its own pair:
+
+    h[b] = W0 x[b] + scaling[k_b] * B[k_b] A[k_b] x[b]        k_b: the adapter of row b
+
+Adapters of other ranks are zero-padded to the largest rank (zero rows of A and zero columns of B
+add nothing); a layer that an adapter does not target holds zeros for it. A row may also use no
+adapter (the base model alone).
+
+    model = lk.serving.attach(base, {"people": "people.safetensors", "dates": "dates_peft/"})
+    with lk.serving.rows(model, ["people", "dates", None]):
+        logits = model(**batch).logits          # row 0: people's adapter, row 1: dates', row 2: the base
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .lora import is_linear, lora_scaling, read_adapter, replace_module
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer with several named LoRA adapters; `row_index` (set by rows()) picks
+    one for each row of the batch: an index into the stacks, or -1 for the base alone."""
+
+    def __init__(self, base, names, A, B, scaling):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.names = list(names)
+        self.register_buffer("A", A)                  # (n_adapters, r_max, in)
+        self.register_buffer("B", B)                  # (n_adapters, out, r_max)
+        self.register_buffer("scaling", scaling)      # (n_adapters,)
+        self.row_index = None
+
+    def forward(self, x):                             # x: (batch, ..., in)
+        h = self.base(x)
+        if self.row_index is None:
+            raise RuntimeError("no adapter chosen for the rows of this batch: run the model inside "
+                               "lk.serving.rows(model, names)")
+        k = self.row_index.to(x.device)
+        if k.numel() != x.shape[0]:
+            raise ValueError(f"{k.numel()} adapter names for a batch of {x.shape[0]} rows")
+        use = k.clamp(min=0)
+        A, B = self.A[use], self.B[use]                               # (batch, r, in), (batch, out, r)
+        s = self.scaling[use] * (k >= 0)                               # 0 for rows without an adapter
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)      # (batch, tokens, in)
+        update = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))   # B A x, row by row
+        update = update * s[:, None, None]
+        return h + update.reshape(*h.shape[:-1], -1).to(h.dtype)
+
+    def extra_repr(self):
+        return f"adapters={self.names}, r_max={self.A.shape[1]}"
+
+
+def attach(model, adapters):
+    """Put the adapters {name: path} (files of save_adapter, or peft folders) beside `model`'s
+    frozen weights, each layer that any of them targets becoming a MultiLoRALinear. Returns the model."""
+    if not adapters:
+        raise ValueError("no adapters given: pass {name: path}")
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        raise ValueError("this model already has adapters attached: attach them all in one call")
+    names = list(adapters)
+    read = {name: read_adapter(path) for name, path in adapters.items()}
+    layers = sorted({k.rsplit(".", 1)[0] for _, tensors in read.values() for k in tensors})
+    r_max = max(config["r"] for config, _ in read.values())
+    scaling = torch.tensor([lora_scaling(c["alpha"], c["r"], c["use_rslora"]) for c, _ in read.values()])
+    model.requires_grad_(False)
+    for layer in layers:
+        try:
+            base = model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"adapter layer {layer} is not a module of this {type(model).__name__}: "
+                             "the adapters were trained on another model") from None
+        if not is_linear(base):
+            raise TypeError(f"{layer} is a {type(base).__name__}, not a linear layer")
+        A = torch.zeros(len(names), r_max, base.in_features)
+        B = torch.zeros(len(names), base.out_features, r_max)
+        for i, (config, tensors) in enumerate(read.values()):
+            if f"{layer}.lora_A" not in tensors:
+                continue                                   # this adapter leaves the layer alone
+            a, b = tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"]
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise ValueError(f"adapter {names[i]!r} does not fit {layer}: A {tuple(a.shape)}, B "
+                                 f"{tuple(b.shape)} for a layer of {base.in_features} -> {base.out_features}")
+            A[i, :a.shape[0]], B[i, :, :b.shape[1]] = a, b
+        device = next(iter([*base.parameters(), *base.buffers()])).device
+        replace_module(model, layer, MultiLoRALinear(base, names, A.to(device), B.to(device), scaling.to(device)))
+    model.adapter_names = names
+    return model
+
+
+@contextmanager
+def rows(model, names):
+    """Within the block, row b of every batch uses the adapter names[b] (None: the base alone)."""
+    known = getattr(model, "adapter_names", None)
+    if known is None:
+        raise ValueError("this model has no adapters attached: call lk.serving.attach first")
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"adapter(s) {unknown} are not loaded; loaded: {known}")
+    index = torch.tensor([-1 if n is None else known.index(n) for n in names])
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    for m in layers:
+        m.row_index = index
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.row_index = None
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, names, max_new_tokens=48):
+    """Greedy answers to `prompts`, prompt i answered under adapter names[i], all in one batch."""
+    from . import text
+    if len(prompts) != len(names):
+        raise ValueError(f"{len(prompts)} prompts for {len(names)} adapter names")
+    with rows(model, names):
+        return text.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
