@@ -49,3 +49,13 @@ def test_without_accelerate_the_script_says_what_to_install(tmp_path):
             f"sys.argv = ['ddp_lora.py', '--out', {str(tmp_path)!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode != 0 and "needs accelerate: pip install accelerate" in done.stderr
+
+
+@pytest.mark.parametrize("name, kind, processes", [("one_gpu", "NO", 1), ("ddp", "MULTI_GPU", 2), ("fsdp", "FSDP", 2)])
+def test_the_shipped_accelerate_configs_are_what_they_say(name, kind, processes):
+    """They are only read here (this machine has no GPU): accelerate must accept every key."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert (config.distributed_type.name, config.num_processes, config.mixed_precision) == (kind, processes, "bf16")
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True          # frozen and trained weights in one layer
