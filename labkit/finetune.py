@@ -105,10 +105,12 @@ def adalora_ranks(model):
 
 def timed_training(model, batches, steps, measure_peak=True, **train_kwargs):
     """train() with a stopwatch, then one more step under PyTorch's MemTracker to measure peak
-    memory: {losses, s_per_step, peak_bytes}. The extra step runs AdamW at learning rate 0, so
-    it changes no weight; its peak is that of any step of the run (the states exist at its end).
-    MemTracker counts tensors, not the allocator's pages: the figure repeats from run to run and
-    is what lk.memory.predict_peak predicts (the process's resident memory is larger and noisier).
+    memory: {losses, s_per_step, peak_bytes}. The extra step runs a fresh AdamW at learning rate 0,
+    so it changes no weight; AdamW's states appear only at its update, so its peak is that of a
+    first step, not of a steady one, whose states are in memory throughout (chapter 7 predicts both).
+    MemTracker counts tensors, not the allocator's pages: the figure repeats from run to run
+    (the process's resident memory is larger and noisier); chapter 7 predicts it with
+    lk.memory.predict_peak_config(..., fresh_optimizer=True).
     The time per step leaves out the time an `eval_fn` took."""
     device = input_device(model)
     eval_fn, evaluating = train_kwargs.get("eval_fn"), [0.0]
