@@ -116,8 +116,12 @@ def timed_training(model, batches, steps, measure_peak=True, **train_kwargs):
     eval_fn, evaluating = train_kwargs.get("eval_fn"), [0.0]
     if eval_fn is not None:
         def timed_eval(m):
+            if device.type == "cuda":
+                torch.cuda.synchronize()                     # the training step's kernels are not eval's
             t = time.perf_counter()
             result = eval_fn(m)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             evaluating[0] += time.perf_counter() - t
             return result
         train_kwargs = {**train_kwargs, "eval_fn": timed_eval}
@@ -340,8 +344,9 @@ def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
 def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, max_grad_norm=1.0, progress=True,
                 encoded=None, optim="adamw_torch"):
     """The production route: transformers' Trainer on `model` (e.g. a peft model), with labkit's
-    prompt-masking collator and the settings of train(): AdamW, constant learning rate, no warm-up,
-    no weight decay; Trainer's own clipping (gradient norm 1.0; None turns it off); on CUDA bf16
+    prompt-masking collator and train()'s defaults: AdamW, constant learning rate, no warm-up, no
+    weight decay; but Trainer's own clipping (gradient norm 1.0, where train() does not clip by
+    default; None turns it off); on CUDA bf16
     (fp16 where bf16 is missing). `encoded` (already encoded
     examples) replaces `train_rows` when given; `optim` is Trainer's optimizer name (on a GPU,
     "paged_adamw_32bit" or "paged_adamw_8bit" for QLoRA). Returns (losses per step, seconds in train())."""

@@ -165,7 +165,8 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora))
     if earlier:
         target_modules = earlier + [t for t in target_modules if t not in earlier]
-    model.lora_config = dict(target_modules=target_modules, **settings)
+    model.lora_config = dict(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+                             **settings)
     return model
 
 
@@ -300,7 +301,8 @@ def _save_peft(model, config, folder):
 
 
 _PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
-                     "fan_in_fan_out": False, "modules_to_save": None}
+                     "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+                     "layers_pattern": None, "exclude_modules": None, "lora_bias": False}
 
 
 def _read_peft(folder):
@@ -315,6 +317,9 @@ def _read_peft(folder):
         raise ValueError(f"{folder} uses peft options labkit's LoRALinear does not have: {odd}")
     config = dict(target_modules=c["target_modules"], r=c["r"], alpha=c["lora_alpha"],
                   dropout=c.get("lora_dropout", 0.0), init="kaiming", use_rslora=c.get("use_rslora", False))
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{folder} has no adapter_model.safetensors (an older peft's adapter_model.bin is not "
+                         "read here: load it with peft and save it again)")
     tensors = {}
     for k, v in load_file(str(folder / "adapter_model.safetensors")).items():
         if not (k.startswith(_PEFT_PREFIX) and k.endswith(_PEFT_SUFFIX)):

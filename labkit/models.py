@@ -145,7 +145,8 @@ def _unavailable(name, e):
 
 
 def load_tokenizer(name=SMOLLM2):
-    """The tokenizer of `name` alone (no weights), with end-of-text as the pad token where the
+    """The tokenizer of `name` alone (no model is built; for SmolLM2 the converted folder must exist,
+    and is made once if it does not), with end-of-text as the pad token where the
     tokenizer has none (e.g. Llama's): padding is masked out, so any token will do."""
     from transformers import AutoTokenizer
     path, _, local = _where(name)

@@ -197,7 +197,7 @@ def quantize_4bit(w, code, blocksize=64, double_quant=False):
     """Quantize `w` to a 16-value codebook in blocks: returns (packed uint8 ((n+1)//2, 1), state)."""
     _check_tensor(w, blocksize)
     flat = w.detach().reshape(-1).float()
-    code = code.to(flat.device)
+    code = code.to(flat.device, torch.float32)         # a float64 codebook (numpy's default) is read as float32
     scaled, absmax = block_absmax(flat, blocksize)
     packed = pack_nibbles(round_to_code(scaled, code))
     state = QuantState4(w.shape, w.dtype, blocksize, code, absmax)
@@ -242,6 +242,7 @@ def _code_values_fast(flat, code):
     """code_values(flat, code), faster: bytes are read two at a time, as one 16-bit number, through a
     table of the 4 values each of the 65,536 pairs of bytes holds (1 MiB, built once per codebook
     and device). tests/test_quant.py checks it equal to code_values; chapter 5 trains through it."""
+    code = code.float()                               # the table holds float32 values, 4 per row
     key = (tuple(code.tolist()), str(flat.device))
     if key not in _TABLES:
         code16 = torch.cat([code, code.new_zeros(16 - len(code))]).to(flat.device)   # FP4, int4: 15 values

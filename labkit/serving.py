@@ -40,7 +40,7 @@ class MultiLoRALinear(nn.Module):
         if self.row_index is None:
             raise RuntimeError("no adapter chosen for the rows of this batch: run the model inside "
                                "lk.serving.rows(model, names)")
-        k = self.row_index.to(x.device)
+        k = self.row_index
         if k.numel() != x.shape[0]:
             raise ValueError(f"{k.numel()} adapter names for a batch of {x.shape[0]} rows")
         use = k.clamp(min=0)
@@ -75,7 +75,8 @@ def attach(model, adapters):
             raise ValueError(f"adapter layer {layer} is not a module of this {type(model).__name__}: "
                              "the adapters were trained on another model") from None
         if not is_linear(base):
-            raise TypeError(f"{layer} is a {type(base).__name__}, not a linear layer")
+            raise TypeError(f"{layer} is a {type(base).__name__}, not a linear layer (attach adapters to a fresh "
+                            "base model, without LoRA layers of its own)")
         A = torch.zeros(len(names), r_max, base.in_features)
         B = torch.zeros(len(names), base.out_features, r_max)
         for i, (config, tensors) in enumerate(read.values()):
@@ -98,11 +99,14 @@ def rows(model, names):
     known = getattr(model, "adapter_names", None)
     if known is None:
         raise ValueError("this model has no adapters attached: call lk.serving.attach first")
+    if isinstance(names, str) or not len(names):
+        raise ValueError(f"names must be a non-empty list, one adapter name (or None) per row, got {names!r}")
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise ValueError(f"adapter(s) {unknown} are not loaded; loaded: {known}")
-    index = torch.tensor([-1 if n is None else known.index(n) for n in names])
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    index = torch.tensor([-1 if n is None else known.index(n) for n in names], dtype=torch.long,
+                         device=layers[0].A.device)                # moved once, not in every layer
     for m in layers:
         m.row_index = index
     try:

@@ -88,12 +88,15 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
             "its first forward pass (chapter 5)")
     if grad_accum < 1 or steps < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got {steps} and {grad_accum}")
+    if checkpoint_every and checkpoint is None:
+        raise ValueError("checkpoint_every needs a checkpoint path to write to (checkpoint=...)")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
     history = [] if history is None else history
-    start, losses = _resume(checkpoint, model, opt, sched, history)
-    for _ in range(start * grad_accum):                  # the batches the checkpoint has already used
+    start, losses, rng = _resume(checkpoint, model, opt, sched, history)
+    for _ in range(start * grad_accum):                  # the batches the checkpoint has already used,
         next(batches)
+    _restore_rng(rng)                                    # then the random state as it was at the save
     device = input_device(model)
     amp_context, scaler = autocast(device, amp)
     model.train()
@@ -103,8 +106,13 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
         shares = token_shares(micro) if grad_accum > 1 else [1]
         total = 0.0
         for batch, share in zip(micro, shares):
+            if share == 0:                               # nothing to predict in this batch
+                continue
             with amp_context:      # a batch's mean loss, weighted by its share of the step's tokens
-                loss = model(**batch).loss * share
+                out = model(**batch)
+            if out.loss is None:
+                raise ValueError("the model returned no loss: training batches need 'labels'")
+            loss = out.loss * share
             (scaler.scale(loss) if scaler else loss).backward()
             total += loss.item()
         if scaler:
@@ -157,10 +165,22 @@ def _save(path, model, opt, sched, losses, history):
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    history = [{k: _plain(v) for k, v in h.items()} for h in history]
     tmp = f"{path}.tmp"
     torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "losses": losses, "history": history, "rng": rng}, tmp)
     os.replace(tmp, path)
+
+
+def _plain(value):
+    """An eval_fn's value as weights_only loading accepts it: numbers and strings as they are,
+    numpy or 0-d torch numbers as Python numbers."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "size", 1) in (1, ()):
+        return value.item()
+    raise TypeError(f"an eval_fn returned {type(value).__name__} ({value!r:.60}): a checkpoint keeps numbers and "
+                    "strings only; return those")
 
 
 def _resume(path, model, opt, sched, history):
@@ -168,7 +188,7 @@ def _resume(path, model, opt, sched, history):
     state restored, so dropout continues where it stopped), or a fresh start."""
     import os
     if path is None or not os.path.exists(path):
-        return 0, []
+        return 0, [], None
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = dict(model.named_parameters())
     missing = sorted(set(state["params"]) - {n for n, p in own.items() if p.requires_grad})
@@ -180,8 +200,13 @@ def _resume(path, model, opt, sched, history):
             own[n].copy_(t)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     history[:0] = state["history"]
-    return len(state["losses"]), list(state["losses"])
+    return len(state["losses"]), list(state["losses"]), state.get("rng")   # older checkpoints: no RNG state
+
+
+def _restore_rng(rng):
+    if rng is None:
+        return
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

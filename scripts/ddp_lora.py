@@ -1,7 +1,7 @@
 """LoRA trained with data parallelism through accelerate: every process holds the whole model,
 reads its share of each global batch, and DDP averages the gradients before each AdamW step.
 
-    accelerate launch --cpu --num_processes 2 scripts/ddp_lora.py --out run2    # 2 processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 scripts/ddp_lora.py --out run2   # 2 processes (gloo on a CPU)
     python scripts/ddp_lora.py --out run1                                        # 1 process, same batches
 
 With every token in the loss and equal shares, the mean of the shares' mean losses is the global

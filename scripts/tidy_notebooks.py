@@ -27,7 +27,7 @@ def tidy(nb):
         for out in cell.outputs:
             out.get("data", {}).pop(WIDGET_VIEW, None)
             if out.output_type == "stream":
-                out.text = "\n".join(line.rsplit("\r", 1)[-1] for line in out.text.split("\n"))
+                out.text = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in out.text.split("\n"))
         cell.outputs = [o for o in cell.outputs if o.output_type == "stream" or o.get("data") or o.output_type == "error"]
     return nb
 

@@ -211,6 +211,11 @@ def test_peft_adapters_labkit_cannot_load_are_refused(tmp_path):
     dora.save_pretrained(tmp_path / "dora")
     with pytest.raises(ValueError, match="use_dora"):
         lk.load_adapter(lk.tiny_llama(), tmp_path / "dora")
+    layered = get_peft_model(lk.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                         layers_to_transform=[0]))
+    layered.save_pretrained(tmp_path / "layered")
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        lk.load_adapter(lk.tiny_llama(), tmp_path / "layered")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="without adapter_config.json"):
         lk.load_adapter(lk.tiny_llama(), tmp_path / "empty")

@@ -200,9 +200,23 @@ def test_fast_decode_equals_the_plain_one(n_bytes):
                                                                            dtype=torch.uint8)])[-n_bytes:]
     if n_bytes >= 256:
         packed[:256] = torch.arange(256, dtype=torch.uint8)                     # every byte value at least once
+    clamped = ((packed >> 4).clamp(max=14) << 4) | (packed & 0x0F).clamp(max=14)   # FP4, int4: indices 0-14
     for code in (q.nf4_codebook(), q.fp4_codebook(), q.int4_codebook()):
-        some = packed if len(code) == 16 else packed & 0xEE             # FP4 and int4 have 15 values: 0-14
+        some = packed if len(code) == 16 else clamped
         assert torch.equal(q._code_values_fast(some, code), q.code_values(some, code))
+
+
+def test_a_float64_codebook_is_read_as_float32_and_spoils_nothing():
+    """numpy gives float64 codebooks; the fast table holds float32. A float64 code must decode the
+    same as its float32 twin, and must not corrupt the table later decodes share."""
+    w = weights((64, 64), seed=5)
+    p32, s32 = q.quantize_4bit(w, q.nf4_codebook())
+    p64, s64 = q.quantize_4bit(w, q.nf4_codebook().double())
+    assert torch.equal(p64, p32)
+    assert torch.equal(q.dequantize_4bit(p64, s64), q.dequantize_4bit(p32, s32))
+    packed = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(q._code_values_fast(packed, q.nf4_codebook().double()), q.code_values(packed, q.nf4_codebook()))
+    assert torch.equal(q._code_values_fast(packed, q.nf4_codebook()), q.code_values(packed, q.nf4_codebook()))
 
 
 def test_unpack_inverts_pack():

@@ -99,6 +99,11 @@ def test_bad_names_and_bad_adapters_are_refused(saved, tmp_path):
         serving.attach(model, paths)
     with pytest.raises(ValueError, match="does not fit"):
         serving.attach(lk.tiny_llama(hidden_size=32, intermediate_size=64), paths)
+    with pytest.raises(ValueError, match="non-empty list"):
+        with serving.rows(model, "people"):
+            pass
+    with pytest.raises(TypeError, match="fresh base model"):
+        serving.attach(lk.inject_lora(lk.tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8), paths)
     with pytest.raises(ValueError, match="no adapters attached"):
         with serving.rows(lk.tiny_llama(), ["people"]):
             pass

@@ -173,6 +173,47 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(resumed).values()))
 
 
+def test_resume_with_accumulation_and_global_rng_streams(tmp_path):
+    """grad_accum=2, a stream that draws from the global RNG, and dropout: a run stopped after 2 of
+    4 steps and resumed from its checkpoint (fresh model, fresh stream) matches the straight run.
+    The consumed batches are skipped before the RNG state is restored."""
+    def global_stream():
+        while True:
+            x = torch.randint(0, 256, (2, 12))                          # the global RNG, as a sampler would
+            yield {"input_ids": x, "labels": x}
+    straight = dropout_model()
+    expected = train(straight, global_stream(), steps=4, lr=1e-2, grad_accum=2, progress=False)
+    ckpt = tmp_path / "run.pt"
+    train(dropout_model(), global_stream(), steps=2, lr=1e-2, grad_accum=2, checkpoint=ckpt, progress=False)
+    resumed = dropout_model()
+    losses = train(resumed, global_stream(), steps=4, lr=1e-2, grad_accum=2, checkpoint=ckpt, progress=False)
+    assert losses == expected
+    assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(resumed).values()))
+
+
+def test_checkpoint_edges(tmp_path):
+    import numpy as np
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        train(lora_model(), stream(), steps=2, checkpoint_every=1, progress=False)
+    history = []                                          # numpy numbers from an eval_fn survive the round trip
+    train(lora_model(), stream(), steps=2, eval_fn=lambda m: {"acc": np.float32(0.5)}, eval_every=1,
+          history=history, checkpoint=tmp_path / "a.pt", progress=False)
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["history"] == [{"step": 1, "acc": 0.5},
+                                                                           {"step": 2, "acc": 0.5}]
+    with pytest.raises(TypeError, match="numbers and strings only"):
+        train(lora_model(), stream(), steps=1, eval_fn=lambda m: {"x": [1, 2]}, eval_every=1,
+              checkpoint=tmp_path / "b.pt", progress=False)
+
+
+def test_a_batch_with_nothing_to_predict_is_skipped_not_nan():
+    """One of two accumulated batches fully masked (an answer cut off by truncation): the step is
+    the other batch's, and the logged loss is a number."""
+    nothing, some = masked_batch([6, 6], masked=[6, 6], seed=0), masked_batch([6, 6], masked=[2, 2], seed=1)
+    both = train(lora_model(), iter([nothing, some]), steps=1, grad_accum=2, progress=False)
+    alone = train(lora_model(), iter([some]), steps=1, progress=False)
+    assert both == alone and not math.isnan(both[0])
+
+
 def test_clipping_bounds_the_gradient_norm():
     model = lora_model()
     seen = []
