@@ -5,7 +5,7 @@ bitsandbytes, test_quant.py), then the same A and B are copied across. Tolerance
 on outputs and on the gradients of A and B. Without double quantization the dequantized weights
 are identical, so only the matmul's summation order can differ.
 
-bitsandbytes computes two ways on a CPU (chapter 5, ../shared/FACTS.md "Machines differ"): it
+bitsandbytes computes two ways on a CPU (chapter 5 shows both): it
 dequantizes in the compute dtype, or, on a CPU with AVX512-BF16, repacks a layer at its first
 inference call and computes through a fused bf16 kernel from then on. The 1e-5 parity holds on
 the first path, which bnb_exact_on_cpu keeps on any CPU. The fused path is checked for what it

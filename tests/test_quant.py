@@ -15,7 +15,7 @@ from labkit import quant as q
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-# The table bitsandbytes prints for get_4bit_type("nf4") (see shared FACTS.md): a pin on both sides.
+# The table bitsandbytes.functional.get_4bit_type("nf4") holds (chapter 4 matches it): a pin on both sides.
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
@@ -67,7 +67,7 @@ def test_packed_bytes_and_absmax_are_identical(shape, blocksize):
 
 def bnb_dequant_is_native_and_buggy(shape, blocksize):
     """bitsandbytes 0.50's native CPU dequantizer indexes blocks per row: wrong when the last
-    dimension is even and not a multiple of the block size (FACTS.md; odd ones take a torch path)."""
+    dimension is even and not a multiple of the block size (chapter 4 shows it, after section 6; odd ones take a torch path)."""
     last = shape[-1]
     return last % 2 == 0 and last % blocksize != 0
 
@@ -89,7 +89,7 @@ def test_dequantize_matches(shape, blocksize):
     if not torch.equal(ours, theirs):
         assert bnb_dequant_is_native_and_buggy(shape, blocksize), \
             "bitsandbytes' dequantize_4bit disagrees on a shape where its CPU kernel is right"
-        pytest.xfail("bitsandbytes 0.50 CPU dequantize_4bit bug for this shape (see FACTS.md)")
+        pytest.xfail("bitsandbytes 0.50 CPU dequantize_4bit bug for this shape (chapter 4, after section 6)")
 
 
 @pytest.mark.parametrize("shape", [(1000,), (576, 576), (257, 129), (128, 64)])
