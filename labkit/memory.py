@@ -25,6 +25,31 @@ def training_bill(n_params, n_trainable=None, param_bytes=4, grad_bytes=None, op
             "activations": activations}
 
 
+ZERO_STAGES = {0: "DDP: everything on every device", 1: "ZeRO-1: optimizer states sharded",
+               2: "ZeRO-2: optimizer states and gradients sharded",
+               3: "ZeRO-3 / FSDP: optimizer states, gradients and weights sharded"}
+
+
+def per_device_bill(n_params, n_trainable, devices, stage, param_bytes=2, grad_bytes=2, state_bytes=12):
+    """Bytes of weights, gradients and optimizer states on each of `devices` data-parallel devices
+    (activations left out: each device holds those of its own share of the batch, at any stage).
+
+    stage 0 is plain data parallelism (DDP): every device holds everything. ZeRO (Rajbhandari et
+    al., 2020) splits, across the devices: at stage 1 the optimizer states, at stage 2 the gradients
+    too, at stage 3 the weights too (what FSDP's FULL_SHARD does). The defaults are the ZeRO paper's
+    mixed-precision Adam: 2-byte weights and gradients, and 12 bytes of states per trained parameter
+    (an fp32 master copy, m and v). For LoRA and QLoRA, `n_trainable` is the adapters' count; a
+    4-bit base is n_params at param_bytes=0.5 (plus its constants)."""
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"stage must be one of {sorted(ZERO_STAGES)} ({ZERO_STAGES}), got {stage!r}")
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be an int >= 1, got {devices!r}")
+    split = lambda n, sharded: n / devices if sharded else n
+    return {"weights": split(n_params * param_bytes, stage >= 3),
+            "gradients": split(n_trainable * grad_bytes, stage >= 2),
+            "optimizer": split(n_trainable * state_bytes, stage >= 1)}
+
+
 def parameter_groups(model):
     """Parameters of a transformer grouped by role: embeddings, attention, MLP, norms, other."""
     groups, seen = {}, set()

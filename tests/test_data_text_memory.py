@@ -248,3 +248,18 @@ def test_lk_memory_still_offers_the_measurements_it_is_compared_with():
     """Measuring moved to lk.measure; notebooks and scripts that call lk.memory.* get the same functions."""
     for name in ("held_memory", "peak_memory", "tracked_peak", "count_saved_tensors"):
         assert getattr(lk.memory, name) is getattr(lk.measure, name)
+
+
+def test_per_device_bill_reproduces_the_zero_paper():
+    """Rajbhandari et al. (2020), Figure 1: a 7.5B model on 64 devices, mixed-precision Adam (K = 12):
+    120 GB per device under plain data parallelism, 31.4 GB with ZeRO-1, 16.6 GB with ZeRO-2 and
+    1.9 GB with ZeRO-3 (the paper's GB are 1e9 bytes)."""
+    gb = [sum(memory.per_device_bill(7.5e9, 7.5e9, 64, stage).values()) / 1e9 for stage in range(4)]
+    assert [round(x, 1) for x in gb] == [120.0, 31.4, 16.6, 1.9]
+    lora = memory.per_device_bill(7e9, 4e6, 8, 2)                  # LoRA: the frozen base dominates under DDP/ZeRO-2
+    assert lora["weights"] == 14e9 and lora["gradients"] == 1e6 and lora["optimizer"] == 6e6
+    assert memory.per_device_bill(7e9, 4e6, 8, 3)["weights"] == 14e9 / 8
+    with pytest.raises(ValueError, match="stage must be one of"):
+        memory.per_device_bill(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="devices must be"):
+        memory.per_device_bill(1, 1, 0, 1)
