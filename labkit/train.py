@@ -177,8 +177,11 @@ def _plain(value):
     numpy or 0-d torch numbers as Python numbers."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if hasattr(value, "item") and getattr(value, "size", 1) in (1, ()):
-        return value.item()
+    if hasattr(value, "item"):
+        try:
+            return value.item()                         # one number; more than one raises
+        except (ValueError, RuntimeError):
+            pass
     raise TypeError(f"an eval_fn returned {type(value).__name__} ({value!r:.60}): a checkpoint keeps numbers and "
                     "strings only; return those")
 

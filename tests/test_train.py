@@ -195,14 +195,15 @@ def test_checkpoint_edges(tmp_path):
     import numpy as np
     with pytest.raises(ValueError, match="needs a checkpoint path"):
         train(lora_model(), stream(), steps=2, checkpoint_every=1, progress=False)
-    history = []                                          # numpy numbers from an eval_fn survive the round trip
-    train(lora_model(), stream(), steps=2, eval_fn=lambda m: {"acc": np.float32(0.5)}, eval_every=1,
-          history=history, checkpoint=tmp_path / "a.pt", progress=False)
-    assert torch.load(tmp_path / "a.pt", weights_only=True)["history"] == [{"step": 1, "acc": 0.5},
-                                                                           {"step": 2, "acc": 0.5}]
-    with pytest.raises(TypeError, match="numbers and strings only"):
-        train(lora_model(), stream(), steps=1, eval_fn=lambda m: {"x": [1, 2]}, eval_every=1,
-              checkpoint=tmp_path / "b.pt", progress=False)
+    history = []                              # numpy and 0-d torch numbers from an eval_fn survive the round trip
+    train(lora_model(), stream(), steps=2, eval_fn=lambda m: {"acc": np.float32(0.5), "loss": torch.tensor(0.25)},
+          eval_every=1, history=history, checkpoint=tmp_path / "a.pt", progress=False)
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["history"] == [{"step": 1, "acc": 0.5, "loss": 0.25},
+                                                                           {"step": 2, "acc": 0.5, "loss": 0.25}]
+    for many in ([1, 2], torch.ones(2), np.ones(2)):
+        with pytest.raises(TypeError, match="numbers and strings only"):
+            train(lora_model(), stream(), steps=1, eval_fn=lambda m: {"x": many}, eval_every=1,
+                  checkpoint=tmp_path / "b.pt", progress=False)
 
 
 def test_a_batch_with_nothing_to_predict_is_skipped_not_nan():
