@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .lora import is_linear, lora_scaling, read_adapter, replace_module
+from .lora import _device, is_linear, lora_scaling, read_adapter, replace_module
 
 
 class MultiLoRALinear(nn.Module):
@@ -87,7 +87,7 @@ def attach(model, adapters):
                 raise ValueError(f"adapter {names[i]!r} does not fit {layer}: A {tuple(a.shape)}, B "
                                  f"{tuple(b.shape)} for a layer of {base.in_features} -> {base.out_features}")
             A[i, :a.shape[0]], B[i, :, :b.shape[1]] = a, b
-        device = next(iter([*base.parameters(), *base.buffers()])).device
+        device = _device(base)
         replace_module(model, layer, MultiLoRALinear(base, names, A.to(device), B.to(device), scaling.to(device)))
     model.adapter_names = names
     return model
