@@ -276,7 +276,11 @@ def save_adapter(model, path, format="labkit"):
     if format != "labkit":
         raise ValueError(f"format must be 'labkit' or 'peft', got {format!r}")
     tensors = {k: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={"lora_config": json.dumps(config)})
+    metadata = {"lora_config": json.dumps(config)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type:
+        metadata["model_type"] = model_type                # checked by load_adapter and serving.attach
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -330,7 +334,8 @@ def _read_peft(folder):
 
 def read_adapter(path):
     """(settings, {'<layer>.lora_A': A, '<layer>.lora_B': B}) of an adapter file written by
-    save_adapter, or of a folder in peft's layout."""
+    save_adapter, or of a folder in peft's layout. A labkit file's settings also hold the
+    "model_type" of the model it was saved from (check_model_type takes it out)."""
     import json
     from pathlib import Path
     from safetensors import safe_open
@@ -339,11 +344,23 @@ def read_adapter(path):
             raise ValueError(f"{path} is a folder without adapter_config.json: not a peft adapter")
         return _read_peft(Path(path))
     with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {}).get("lora_config", "null"))
+        metadata = f.metadata() or {}
+        config = json.loads(metadata.get("lora_config", "null"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if config is None:
         raise ValueError(f"{path} has no lora_config metadata: it was not written by labkit.save_adapter")
+    if "model_type" in metadata:
+        config["model_type"] = metadata["model_type"]
     return config, tensors
+
+
+def check_model_type(model, config, path):
+    """Refuse an adapter whose file names another kind of base model than `model` (labkit's files
+    record the model type; peft's folders do not, and are checked by shapes alone)."""
+    saved = config.pop("model_type", None)
+    mine = getattr(getattr(model, "config", None), "model_type", None)
+    if saved and mine and saved != mine:
+        raise ValueError(f"adapter {path} was trained on a {saved} model, not on this {mine} model")
 
 
 def load_adapter(model, path):
@@ -353,6 +370,7 @@ def load_adapter(model, path):
     adapter's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0
     would keep the old update). Shapes and names must match exactly."""
     config, tensors = read_adapter(path)
+    check_model_type(model, config, path)
     layers = lora_layers(model)
     if not layers:
         inject_lora(model, **config)
