@@ -8,6 +8,14 @@ With every token in the loss and equal shares, the mean of the shares' mean loss
 batch's mean loss, so both runs take the same steps: tests/test_ddp.py checks the losses and the
 adapter weights against each other. A toy Llama (random weights) keeps it to seconds on a CPU;
 --model smollm2 trains the real one.
+
+    accelerate launch --multi_gpu --num_processes 2 scripts/ddp_lora.py --fsdp --out run3   # sharded (FSDP2)
+
+--fsdp shards every decoder layer and the rest of the model over the processes with torch's
+fully_shard (FSDP2: each process keeps 1/N of every weight, gathers a layer whole only while it
+computes, and reduce-scatters the gradients). The script calls fully_shard itself, because
+accelerate 1.15 runs its FSDP plugin on GPUs only: on a CPU, `accelerate launch --use_fsdp` falls
+back to DDP. The losses file records the bytes of weights each process holds.
 """
 import argparse
 import json
@@ -37,6 +45,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="the global batch, split over the processes")
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--fsdp", action="store_true", help="shard the model with torch's fully_shard instead of DDP")
     args = ap.parse_args()
     acc = Accelerator(cpu=not torch.cuda.is_available())
     world, rank = acc.num_processes, acc.process_index
@@ -45,8 +54,17 @@ def main():
     model = lk.tiny_llama(seed=0) if args.model == "tiny" else lk.load_model(args.model)[0]
     torch.manual_seed(0)                                      # the same A in every process
     lk.inject_lora(model, lk.lora.QKVO, r=4, alpha=8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    model, opt = acc.prepare(model, opt)
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.fsdp and world > 1:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:                      # each decoder layer gathered on its own
+            fully_shard(layer)
+        fully_shard(model)                                    # the embeddings, final norm and head
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        model, opt = acc.prepare(model, opt)
+    held_bytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
     model.train()
     losses = []
     for step in range(args.steps):
@@ -54,15 +72,29 @@ def main():
                              else acc.unwrap_model(model).config.vocab_size)
         share = {k: v[rank::world].to(acc.device) for k, v in batch.items()}   # this process's rows
         loss = model(**share).loss
-        acc.backward(loss)                                     # DDP: the gradients are averaged here
+        acc.backward(loss)                    # DDP: gradients averaged here; FSDP: averaged and scattered
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(acc.reduce(loss.detach(), reduction="mean").item())
+    sharded = args.fsdp and world > 1
+    if sharded:                                                # every process takes part in the gathering
+        from safetensors.torch import save_file
+        adapter = {k: v.full_tensor().contiguous() for k, v in model.state_dict().items()
+                   if k.endswith((".lora_A", ".lora_B"))}
     if acc.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "losses.json").write_text(json.dumps({"processes": world, "losses": losses}))
-        lk.save_adapter(acc.unwrap_model(model), args.out / "adapter.safetensors")
+        (args.out / "losses.json").write_text(json.dumps({"processes": world, "losses": losses, "sharded": sharded,
+                                                          "held_bytes": held_bytes, "full_bytes": full_bytes}))
+        if sharded:
+            save_file(adapter, str(args.out / "adapter.safetensors"))
+        else:
+            lk.save_adapter(acc.unwrap_model(model), args.out / "adapter.safetensors")
     acc.wait_for_everyone()
+
+
+def local(p):
+    """The part of a parameter this process holds (its shard under FSDP)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Data parallelism through accelerate: 2 processes on the CPU (gloo), each with half of every
-global batch, take the same steps as 1 process with the whole batch (scripts/ddp_lora.py)."""
+global batch, take the same steps as 1 process with the whole batch (scripts/ddp_lora.py), both
+with DDP (each process holds the whole model) and with FSDP2 (torch's fully_shard: each holds half)."""
 import json
 import os
 import subprocess
@@ -16,19 +17,30 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def run(cmd, out):
+def run(cmd, out, *extra):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd + [str(SCRIPT), "--out", str(out)], capture_output=True, text=True, env=env,
+    done = subprocess.run(cmd + [str(SCRIPT), "--out", str(out), *extra], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text()), load_file(out / "adapter.safetensors")
 
 
-def test_two_processes_take_the_same_steps_as_one(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return run([sys.executable], tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("route", ["ddp", "fsdp"])
+def test_two_processes_take_the_same_steps_as_one(tmp_path, one_process, route):
+    """DDP (every process holds the whole model) and FSDP2 (torch's fully_shard: each holds half of
+    every weight) must both take one process's steps."""
     pytest.importorskip("accelerate")
-    one, one_weights = run([sys.executable], tmp_path / "one")
-    two, two_weights = run(LAUNCH, tmp_path / "two")
+    one, one_weights = one_process
+    two, two_weights = run(LAUNCH, tmp_path / "two", *(["--fsdp"] if route == "fsdp" else []))
     assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["sharded"] == (route == "fsdp") and not one["sharded"]
+    # FSDP: each process holds half of every weight (all of the toy model's sizes are even); DDP: all
+    assert two["held_bytes"] == (one["full_bytes"] // 2 if route == "fsdp" else one["full_bytes"])
     # The same sums in another order (each process sums its half; the halves are then averaged):
     # the losses (about 5.6) differ by ~1e-6. AdamW divides each gradient by its own running size, so
     # where a gradient is near zero such differences can move a weight by a visible part of a step
