@@ -1,11 +1,15 @@
-"""Generate the `units` conversion task: a quantity in one unit -> the same quantity in another,
-as a number and its unit.
+"""Generate the `units` conversion task: a quantity in one metric unit -> the same quantity in
+another, as a number and its unit.
 
     python data/units/make_units.py          # rewrites train/val/test.jsonl here, byte for byte
 
-Each question asks to convert a quantity drawn by a fixed seed; the answer is the exact result,
-written with at most two decimals and the target unit's symbol ("12.5 km"). Conversions 0-7 make
-the train and validation splits; conversions 8-9 appear only in the test split.
+Each question asks to convert a whole quantity drawn by a fixed seed (1 to 999); the answer is
+the exact result with the target unit's symbol ("4000 g"). Every factor is a power of ten, so the
+answer appends zeros: a skill a 135M model learns in a few steps, where multiplying by 24 or 60,
+or moving a decimal point, is not (a first version, with decimals and days -> h, scored 0% after
+chapter 9's 20 steps; one with powers of ten and decimals, 50%). Conversions
+0-6 make the train and validation splits; the test split holds 30 questions on the held-out
+conversion 7 (tonnes -> kg) and 30 new questions on conversions 0-6.
 """
 import json
 import random
@@ -20,27 +24,25 @@ CONVERSIONS = [
     ("kg", "g", 1000, "kilograms", "g"),
     ("cm", "mm", 10, "centimetres", "mm"),
     ("L", "mL", 1000, "litres", "mL"),
-    ("h", "min", 60, "hours", "min"),
-    ("min", "s", 60, "minutes", "s"),
     ("g", "mg", 1000, "grams", "mg"),
+    ("m", "mm", 1000, "metres", "mm"),
     # held out: only in the test split
-    ("days", "h", 24, "days", "h"),
     ("t", "kg", 1000, "tonnes", "kg"),
 ]
 TEMPLATES = ["Convert {value} {name} to {to}.", "How many {to} is {value} {name}?",
              "Express {value} {name} in {to}.", "{value} {name} is how many {to}?"]
-TRAIN, TEST = range(0, 8), range(8, 10)
+TRAIN, HELD_OUT = range(0, 7), range(7, 8)
 INSTRUCTION = "Answer with the number and its unit only.\n"
 
 
 def number(x):
-    """At most two decimals, no trailing zeros: 12.5, 3, 0.25."""
-    return f"{x:.2f}".rstrip("0").rstrip(".")
+    """No trailing zeros: 12.5, 3, 4700 (the values are whole, so are the answers)."""
+    return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
 def make_example(rng, conv):
     _, to, factor, name, symbol = CONVERSIONS[conv]
-    value = rng.choice([rng.randint(1, 99), round(rng.uniform(0.1, 20), 1), round(rng.uniform(0.05, 5), 2)])
+    value = rng.randint(1, 999)
     question = rng.choice(TEMPLATES).format(value=number(value), name=name, to=symbol)
     return {"prompt": INSTRUCTION + question[0].upper() + question[1:],
             "response": f"{number(value * factor)} {symbol}", "template": conv}
@@ -53,7 +55,7 @@ def make_split(rng, n, conversions):
 def main(out=Path(__file__).parent):
     rng = random.Random(SEED)
     splits = {"train": make_split(rng, N_TRAIN, TRAIN), "val": make_split(rng, N_VAL, TRAIN),
-              "test": make_split(rng, N_TEST, TEST)}
+              "test": make_split(rng, N_TEST // 2, HELD_OUT) + make_split(rng, N_TEST // 2, TRAIN)}
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
             for row in rows:
