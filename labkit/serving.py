@@ -1,5 +1,6 @@
-"""One base model, many LoRA adapters (issue 14, chapter 9 to come): several adapters loaded beside one
-frozen base, and a batch whose rows each use their own adapter in one forward pass.
+"""One base model, many LoRA adapters (chapter 9): several adapters loaded beside one frozen base,
+a batch whose rows each use their own adapter in one forward pass, and chapter 9's three tasks,
+their training recipe and cached runs.
 
 The idea behind S-LoRA and Punica: every adapted layer keeps the adapters' A and B stacked,
 (n_adapters, r, in) and (n_adapters, out, r), and each row of the batch gathers its own pair:
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .lora import _device, is_linear, lora_scaling, read_adapter, replace_module
+from .lora import _device, check_model_type, is_linear, lora_scaling, read_adapter, replace_module
 
 
 class MultiLoRALinear(nn.Module):
@@ -64,6 +65,8 @@ def attach(model, adapters):
         raise ValueError("this model already has adapters attached: attach them all in one call")
     names = list(adapters)
     read = {name: read_adapter(path) for name, path in adapters.items()}
+    for name, (config, _) in read.items():
+        check_model_type(model, config, adapters[name])
     layers = sorted({k.rsplit(".", 1)[0] for _, tensors in read.values() for k in tensors})
     r_max = max(config["r"] for config, _ in read.values())
     scaling = torch.tensor([lora_scaling(c["alpha"], c["r"], c["use_rslora"]) for c, _ in read.values()])
@@ -124,3 +127,95 @@ def generate(model, tok, prompts, names, max_new_tokens=48):
         raise ValueError(f"{len(prompts)} prompts for {len(names)} adapter names")
     with rows(model, names):
         return text.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 9's three tasks, their adapters and the cached runs (scripts/run_adapters.py)
+
+TASKS = ("people", "dates", "units")
+# One recipe for every task: chapter 3's (r = 8, alpha = 16 on q, k, v, o; AdamW at 2e-3, 20 steps
+# of 8 examples). The union adapter sees the three training sets together for 3 x 20 steps.
+RECIPE = {"r": 8, "alpha": 16, "lr": 2e-3, "batch_size": 8, "steps": 20, "seed": 0}
+# peft's add_weighted_adapter, each with weights [1, 1, 1]: "cat" stacks the three adapters (rank 24,
+# exactly the sum of their updates); the others mix the A's and the B's separately ("linear",
+# "ties", "dare_linear", "dare_ties": rank 8) or mix the updates and cut them back to rank 8 by SVD ("svd", "ties_svd")
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties")
+DENSITY = 0.5                       # the share of entries that TIES and DARE keep
+MAX_NEW_TOKENS = 40                 # the longest answer (people) is 35 tokens with its end token
+
+
+def union_rows(split="train", tasks=TASKS):
+    """The rows of every task's `split`, one list (text.batches shuffles it)."""
+    from . import data
+    return [r for t in tasks for r in data.load_task(t, splits=(split,))[split]]
+
+
+def train_adapter(model, tok, rows, steps=None, seed=None, progress=True):
+    """Inject a LoRA adapter into `model` (RECIPE's settings) and train it on `rows`; returns the losses."""
+    from .lora import QKVO, inject_lora
+    from .text import batches
+    from .train import train
+    steps = RECIPE["steps"] if steps is None else steps
+    seed = RECIPE["seed"] if seed is None else seed
+    torch.manual_seed(seed)
+    inject_lora(model, QKVO, r=RECIPE["r"], alpha=RECIPE["alpha"])
+    return train(model, batches(tok, rows, RECIPE["batch_size"], seed=seed), steps, lr=RECIPE["lr"],
+                 progress=progress)
+
+
+def folder_bytes(path):
+    """Bytes of every file under `path` (a file: its size)."""
+    from pathlib import Path
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def latency_per_token(model, tok, prompts, names=None, new_tokens=32, repeats=3):
+    """Seconds per decoding step, greedy, for the batch `prompts` (exactly `new_tokens` made, the
+    best of `repeats`); with `names`, row i under adapter names[i] (an attached model)."""
+    import time
+    from contextlib import nullcontext
+    from .text import chat_prompt
+    model.eval()
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok([chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(device)
+    finally:
+        tok.padding_side = side
+    best = float("inf")
+    with rows(model, names) if names is not None else nullcontext():
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best / new_tokens
+
+
+def results_path():
+    from . import data
+    return data.data_dir() / "results" / "multi_adapter.json"
+
+
+def load_results(path=None):
+    """The cached runs of scripts/run_adapters.py: settings, losses, sizes, and every adapter's
+    answers and exact match on every task's test set."""
+    import json
+    from pathlib import Path
+    path = Path(path) if path is not None else results_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: make it with python scripts/run_adapters.py (about 20 min on 2 cores)")
+    return json.loads(path.read_text())
+
+
+def adapter_dir(name):
+    """The cached adapter `name` (a task, or "union"), in peft's layout."""
+    from . import data
+    return data.data_dir() / "results" / "adapters" / name

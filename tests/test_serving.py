@@ -107,3 +107,50 @@ def test_bad_names_and_bad_adapters_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match="no adapters attached"):
         with serving.rows(lk.tiny_llama(), ["people"]):
             pass
+
+
+def test_an_adapter_of_another_model_type_is_refused_even_when_shapes_fit(saved):
+    """A Mistral of the toy Llama's sizes has the same module names and shapes: only the model type
+    recorded in labkit's file tells the adapter was trained on another model."""
+    from transformers import MistralConfig, MistralForCausalLM
+    _, paths = saved
+    llama = lk.tiny_llama()
+    config = MistralConfig(**{k: getattr(llama.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads")})
+    for load in (lambda m: serving.attach(m, {"people": paths["people"]}), lambda m: lk.load_adapter(m, paths["people"])):
+        with pytest.raises(ValueError, match="trained on a llama model, not on this mistral model"):
+            load(MistralForCausalLM(config))
+    lk.load_adapter(lk.tiny_llama(), paths["people"])          # the model it was made for takes it
+
+
+def test_latency_per_token_times_a_mixed_batch(saved):
+    _, paths = saved
+    tok = lk.models.load_tokenizer()                               # SmolLM2's, over a toy model of its vocabulary
+    model = serving.attach(lk.tiny_llama(vocab_size=len(tok)), paths)
+    for names in (None, ["people", "dates"]):
+        if names is None:
+            with pytest.raises(RuntimeError, match="no adapter chosen"):   # an attached model needs names
+                serving.latency_per_token(model, tok, ["a", "b"], new_tokens=2, repeats=1)
+        else:
+            assert serving.latency_per_token(model, tok, ["a", "b"], names, new_tokens=2, repeats=1) > 0
+
+
+def test_the_cached_scores_follow_from_the_cached_answers():
+    """data/results/multi_adapter.json: every score is the exact match of its stored answers, every
+    cached adapter folder is in peft's layout with the recipe's settings."""
+    import json
+    from labkit import data
+    results = serving.load_results()
+    for name, per_task in results["answers"].items():
+        for task, answers in per_task.items():
+            refs = [r["response"] for r in data.load_task(task, splits=("test",))["test"]]
+            assert len(answers) == len(refs) == 60
+            assert results["scores"][name][task] == data.exact_match(answers, refs)
+    assert set(results["scores"]) == {"base", *serving.TASKS, "union", *serving.COMBINATIONS}
+    for name in (*serving.TASKS, "union"):
+        config = json.loads((serving.adapter_dir(name) / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == \
+            (serving.RECIPE["r"], serving.RECIPE["alpha"], sorted(lk.lora.QKVO))
+        assert results["training"][name]["steps"] == serving.RECIPE["steps"] * (3 if name == "union" else 1)
+    assert len(serving.union_rows()) == 1200
