@@ -371,3 +371,64 @@ def check_rank_under_budget(fn):
         assert got == want, (f"{name}, {targets}, {limit / 2**20:.0f} MiB: you gave r={got}, expected r={want} "
                              f"({per_rank:,} parameters per unit of rank, 16 bytes each)")
     return _ok("the adapters' bill grows linearly in r: 16 bytes x r x sum(in + out) over targets and layers")
+
+
+# Chapter 9 ----------------------------------------------------------------------------------
+
+def check_router(fn, need=0.95):
+    """fn(text) -> "people", "dates" or "units", for the text part of a prompt (its lines after the
+    first, the instruction). Scored on the three tasks' test sets (never seen in training)."""
+    from .data import load_task
+    from .serving import TASKS
+    right, total, wrong = 0, 0, []
+    for task in TASKS:
+        for row in load_task(task, splits=("test",))["test"]:
+            text = row["prompt"].split("\n", 1)[1]
+            done, got = _attempt(fn, text)
+            if not done:
+                return _todo("routing a prompt to an adapter")
+            assert got in TASKS, f"route({text!r}) gave {got!r}: return one of {TASKS}"
+            right += got == task
+            total += 1
+            if got != task and len(wrong) < 3:
+                wrong.append(f"{text!r} -> {got} (it is {task})")
+    assert right / total >= need, (f"{right}/{total} routed right ({right / total:.0%}), below {need:.0%}; for "
+                                   f"example: {'; '.join(wrong)}. Look at which words only one task's training "
+                                   "texts use (month names, units, ages and jobs)")
+    return _ok(f"{right}/{total} test prompts routed to their task's adapter ({right / total:.0%})")
+
+
+def check_best_other(fn, scores):
+    """fn(scores) -> {task: (adapter, score)}: the best adapter on each task other than the task's own and the base."""
+    from .serving import TASKS
+    done, got = _attempt(fn, scores)
+    if not done:
+        return _todo("the best other adapter per task")
+    assert set(got) == set(TASKS), f"give one entry per task {TASKS}, got keys {sorted(got)}"
+    for task in TASKS:
+        others = {n: s[task] for n, s in scores.items() if n not in (task, "base")}
+        best = max(others.values())
+        name, score = got[task]
+        assert name in others, f"{task}: {name!r} is not an adapter other than {task!r} and the base"
+        assert math.isclose(score, others[name]) and math.isclose(score, best), (
+            f"{task}: you gave {name} at {score:.0%}; the best other adapter scores {best:.0%} "
+            f"({', '.join(n for n, s in others.items() if s == best)})")
+    return _ok("the best stand-in for each task's own adapter")
+
+
+def check_fsdp_bytes(fn):
+    """fn(n_params, n_trainable, gpus, param_bytes) -> bytes on each GPU under FSDP (ZeRO-3),
+    mixed-precision AdamW: weights, 2-byte gradients and 12 bytes of states, all sharded."""
+    from .memory import per_device_bill
+    cases = ((6_738_415_616, 6_738_415_616, 8, 2), (68_976_648_192, 16_384_000, 2, 0.5),
+             (135_000_000, 460_800, 1, 2), (1000, 10, 4, 2))
+    for n, trainable, gpus, param_bytes in cases:
+        done, got = _attempt(fn, n, trainable, gpus, param_bytes)
+        if not done:
+            return _todo("the FSDP bill per GPU")
+        want = sum(per_device_bill(n, trainable, gpus, 3, param_bytes=param_bytes).values())
+        assert math.isclose(got, want, rel_tol=1e-9), (
+            f"{n:,} parameters ({trainable:,} trained) on {gpus} GPUs at {param_bytes} bytes a weight: you gave "
+            f"{got:,.0f} bytes, expected {want:,.0f}. Under FSDP everything is divided by the GPUs: weights, "
+            "2-byte gradients and 12 bytes of AdamW states per trained parameter")
+    return _ok("FSDP: (weights + 2 + 12 bytes per trained parameter) / GPUs")

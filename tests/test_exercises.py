@@ -150,3 +150,40 @@ def test_chapter7_checkers(capsys):
     assert "✓" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="16 bytes"):                       # 4 bytes: only the weights
         ex.check_rank_under_budget(lambda c, t, limit: limit // (4 * config_counts(c, "lora", t, 1)["trainable"]))
+
+
+def test_chapter9_checkers(capsys):
+    from labkit import data
+    from labkit.memory import per_device_bill
+    from labkit.serving import TASKS
+    # a router that reads the right answer off the test files (the checker's own data) must pass;
+    # one that always answers "dates" must fail, and so must a name that is not a task
+    answer = {r["prompt"].split("\n", 1)[1]: t for t in TASKS for r in data.load_task(t, splits=("test",))["test"]}
+    ex.check_router(answer.get)
+    assert "180/180" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="below 95%"):
+        ex.check_router(lambda text: "dates")
+    with pytest.raises(AssertionError, match="return one of"):
+        ex.check_router(lambda text: "legal")
+    ex.check_router(todo)
+    assert "not attempted" in capsys.readouterr().out
+
+    scores = {"base": {"people": 0.0, "dates": 0.1, "units": 0.0},
+              "people": {"people": 0.9, "dates": 0.2, "units": 0.0},
+              "dates": {"people": 0.0, "dates": 0.95, "units": 0.3},
+              "units": {"people": 0.1, "dates": 0.0, "units": 0.8},
+              "union": {"people": 0.85, "dates": 0.9, "units": 0.7}}
+    right = {"people": ("union", 0.85), "dates": ("union", 0.9), "units": ("union", 0.7)}
+    ex.check_best_other(lambda s: right, scores)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="units"):                  # the own adapter counted as "other"
+        ex.check_best_other(lambda s: {**right, "units": ("units", 0.8)}, scores)
+    with pytest.raises(AssertionError, match="one entry per task"):
+        ex.check_best_other(lambda s: {"people": right["people"]}, scores)
+
+    ex.check_fsdp_bytes(lambda n, t, g, b: (n * b + 14 * t) / g)
+    assert "✓" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="divided by the GPUs"):     # DDP: nothing sharded
+        ex.check_fsdp_bytes(lambda n, t, g, b: sum(per_device_bill(n, t, g, 0, param_bytes=b).values()))
+    ex.check_fsdp_bytes(todo)
+    assert "not attempted" in capsys.readouterr().out
