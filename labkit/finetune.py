@@ -319,19 +319,27 @@ def table(rows, show=True):
 
 @torch.no_grad()
 def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
-    """Seconds per generated token, greedy, batch 1 (the best of `repeats`; exactly `new_tokens` made).
-    A prompt method (lk.prompts.PromptModel) is timed through labkit's decoder, with its prefix."""
+    """Seconds per decoding step, greedy (the best of `repeats`; exactly `new_tokens` made): for one
+    prompt, seconds per generated token at batch 1; for a list of prompts, per step of that batch
+    (left-padded), each step making one token per row. A prompt method (lk.prompts.PromptModel) is
+    timed through labkit's decoder, with its prefix."""
     from .prompts import PromptModel, greedy
     model.eval()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     device = next(model.parameters()).device
-    enc = tok(text.chat_prompt(tok, prompt), return_tensors="pt", add_special_tokens=False).to(device)
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok([text.chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(device)
+    finally:
+        tok.padding_side = side
     best = float("inf")
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if isinstance(model, PromptModel):
-            greedy(model, tok, [prompt], max_new_tokens=new_tokens, stop_at_eos=False)
+            greedy(model, tok, prompts, max_new_tokens=new_tokens, stop_at_eos=False)
         else:
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)

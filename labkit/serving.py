@@ -15,7 +15,7 @@ adapter (the base model alone).
     with lk.serving.rows(model, ["people", "dates", None]):
         logits = model(**batch).logits          # row 0: people's adapter, row 1: dates', row 2: the base
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -170,33 +170,12 @@ def folder_bytes(path):
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@torch.no_grad()
 def latency_per_token(model, tok, prompts, names=None, new_tokens=32, repeats=3):
-    """Seconds per decoding step, greedy, for the batch `prompts` (exactly `new_tokens` made, the
-    best of `repeats`); with `names`, row i under adapter names[i] (an attached model)."""
-    import time
-    from contextlib import nullcontext
-    from .text import chat_prompt
-    model.eval()
-    device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok([chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(device)
-    finally:
-        tok.padding_side = side
-    best = float("inf")
+    """Seconds per decoding step of the batch `prompts` (lk.finetune.latency_per_token); with
+    `names`, row i under adapter names[i] (an attached model)."""
+    from .finetune import latency_per_token as timed
     with rows(model, names) if names is not None else nullcontext():
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return best / new_tokens
+        return timed(model, tok, list(prompts), new_tokens, repeats)
 
 
 def results_path():

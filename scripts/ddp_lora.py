@@ -55,14 +55,14 @@ def main():
     torch.manual_seed(0)                                      # the same A in every process
     lk.inject_lora(model, lk.lora.QKVO, r=4, alpha=8)
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if args.fsdp and world > 1:
+    sharded = args.fsdp and world > 1
+    if sharded:                                               # before the optimizer: it must see the shards
         from torch.distributed.fsdp import fully_shard
         for layer in model.model.layers:                      # each decoder layer gathered on its own
             fully_shard(layer)
         fully_shard(model)                                    # the embeddings, final norm and head
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    else:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    if not sharded:
         model, opt = acc.prepare(model, opt)
     held_bytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
     model.train()
@@ -76,7 +76,6 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(acc.reduce(loss.detach(), reduction="mean").item())
-    sharded = args.fsdp and world > 1
     if sharded:                                                # every process takes part in the gathering
         from safetensors.torch import save_file
         adapter = {k: v.full_tensor().contiguous() for k, v in model.state_dict().items()

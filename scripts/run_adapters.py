@@ -10,6 +10,7 @@ and for every (adapter, task) pair the 60 answers and their exact match. Chapter
 re-trains the units adapter live and checks it against the cache.
 """
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -78,11 +79,9 @@ def main():
         for t in serving.TASKS:
             rows = tasks[t]["test"]
             prompts = [r["prompt"] for r in rows]
-            if n == "base":
-                with model.disable_adapter():
-                    answers = lk.text.generate(model, tok, prompts, serving.MAX_NEW_TOKENS, batch_size=64)
-            else:
+            if n != "base":
                 model.set_adapter(n)
+            with model.disable_adapter() if n == "base" else contextlib.nullcontext():
                 answers = lk.text.generate(model, tok, prompts, serving.MAX_NEW_TOKENS, batch_size=64)
             result["answers"][n][t] = answers
             result["scores"][n][t] = lk.data.exact_match(answers, [r["response"] for r in rows])
