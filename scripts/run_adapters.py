@@ -31,11 +31,7 @@ def train_one(name, rows, steps):
     seconds = (time.perf_counter() - t0) / steps
     folder = serving.adapter_dir(name)
     shutil.rmtree(folder, ignore_errors=True)
-    lk.save_adapter(model, folder, format="peft")
-    # the files must not carry this machine's paths: the base is named by what the workbook loads
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    lk.save_adapter(model, folder, format="peft")        # names the base "HuggingFaceTB/SmolLM2-135M-Instruct"
     del model
     gc.collect()
     return {"losses": losses, "s_per_step": seconds, "steps": steps, "examples": len(rows)}

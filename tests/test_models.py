@@ -41,6 +41,17 @@ def test_minilm_loads_real_weights():
     assert out.last_hidden_state.shape[-1] == 384
 
 
+def test_an_adapter_of_an_offline_model_names_the_published_model_not_this_machine(tmp_path):
+    """peft's base_model_name_or_path must not be the converted weights' cache path."""
+    import json
+    for name, hub_id in (("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+                         ("minilm", "sentence-transformers/all-MiniLM-L6-v2")):
+        model = lk.load_model(name)[0]
+        assert model.config._name_or_path == hub_id
+    lk.save_adapter(lk.inject_lora(model, ["query", "value"], r=2, alpha=4), tmp_path / "a", format="peft")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == hub_id
+
+
 @pytest.mark.slow
 def test_smollm2_loads_and_answers():
     model, tok = lk.load_model("smollm2")
