@@ -39,7 +39,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters(init)
 
-    def reset_lora_parameters(self, init="kaiming"):
+    def reset_lora_parameters(self, init=None):
+        init = self.init if init is None else init         # by default, the init the layer was built with
         A, B = self.lora_A.data, self.lora_B.data
         if init in ("kaiming", "random"):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))    # peft's default for A
@@ -81,10 +82,21 @@ class LoRALinear(nn.Module):
         if hasattr(self.base, "add_to_weight"):       # a base that stores W its own way (4 bits: chapter 5)
             self.base.add_to_weight(delta)
         else:
+            _check_mergeable(self.base)
             self.base.weight += delta.to(self.base.weight.dtype)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, init={self.init!r}, merged={self.merged}"
+
+
+def _check_mergeable(base):
+    """bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear but store W quantized, without an
+    add_to_weight: W += delta would be truncated (int8: an update below 1 is lost) or fail (4-bit)."""
+    if type(base).__module__.split(".")[0] == "bitsandbytes":
+        raise TypeError(f"cannot merge LoRA into bitsandbytes' {type(base).__name__}: its weight is stored quantized, "
+                        "so adding B A to it would be lost or fail. Keep the adapter unmerged, merge with peft's "
+                        "merge_and_unload (it dequantizes, adds and quantizes again), or quantize with labkit's "
+                        "LinearNF4 (lk.quantize_model), which merges through add_to_weight")
 
 
 def _device(module):
@@ -209,6 +221,9 @@ def lora_layers(model):
 
 
 def merge_lora(model):
+    for _, m in lora_layers(model):                # every layer can take its update, or none is merged
+        if not hasattr(m.base, "add_to_weight"):
+            _check_mergeable(m.base)
     for _, m in lora_layers(model):
         m.merge()
     return model

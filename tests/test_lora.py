@@ -120,3 +120,56 @@ def test_bad_arguments(kw, err, msg):
 def test_wraps_only_linear():
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         lk.LoRALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "random", "zeros"])
+def test_reset_without_an_argument_uses_the_layers_own_init(init):
+    """reset_lora_parameters() re-initialises with the init the layer was built with, not kaiming's."""
+    layer = make(init=init)
+    with torch.no_grad():
+        layer.lora_A.fill_(7.0)
+        layer.lora_B.fill_(7.0)
+    torch.manual_seed(1)
+    layer.reset_lora_parameters()
+    torch.manual_seed(1)
+    again = make(init=init)
+    torch.manual_seed(1)
+    again.reset_lora_parameters(init)                       # the same init, named
+    same = torch.equal(layer.lora_A, again.lora_A) and torch.equal(layer.lora_B, again.lora_B)
+    assert same, f"reset_lora_parameters() did not use the layer's init={init!r}"
+    assert bool((layer.lora_B == 0).all()) == (init != "random")
+    assert bool((layer.lora_A == 0).all()) == (init == "zeros")
+
+
+def bnb_layers():
+    """bitsandbytes' two quantized layers, as they are on a CPU after their first use: Linear8bitLt
+    quantizes its weight to int8 on its first forward pass, Linear4bit packs it to NF4 on .to()."""
+    import bitsandbytes as bnb
+    torch.manual_seed(0)
+    int8 = bnb.nn.Linear8bitLt(32, 24, has_fp16_weights=False)
+    int8(torch.randn(2, 32))
+    nf4 = bnb.nn.Linear4bit(32, 24, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    return {"Linear8bitLt": int8, "Linear4bit": nf4}
+
+
+@pytest.mark.parametrize("kind", ["Linear8bitLt", "Linear4bit"])
+def test_merging_into_a_bitsandbytes_layer_is_refused_and_changes_nothing(kind):
+    """bitsandbytes' layers subclass nn.Linear, so LoRA goes on top of them (and trains: the base is
+    frozen anyway), but their weight is stored quantized: adding B A to it truncates (int8) or fails."""
+    layer = lk.LoRALinear(bnb_layers()[kind], r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(3, 32)
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.lora_A.grad.abs().max() > 0                   # LoRA on a bnb layer trains
+    W = layer.base.weight.data.clone()
+    with pytest.raises(TypeError, match=rf"bitsandbytes' {kind}.*merge_and_unload.*LinearNF4"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base.weight.data, W)
+    model = nn.Sequential(nn.Linear(32, 32), bnb_layers()[kind])
+    lk.inject_lora(model, ["0", "1"], r=4, alpha=8)
+    W0 = model[0].base.weight.detach().clone()
+    with pytest.raises(TypeError, match="bitsandbytes"):
+        lk.merge_lora(model)                                   # refused before the nn.Linear is merged
+    assert not model[0].merged and torch.equal(model[0].base.weight, W0)
