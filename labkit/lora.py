@@ -319,9 +319,41 @@ def _save_peft(model, config, folder):
     return folder
 
 
-_PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
-                     "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
-                     "layers_pattern": None, "exclude_modules": None, "lora_bias": False}
+# An allow-list of adapter_config.json's keys (peft 0.21's LoraConfig): an option labkit does not
+# know might change what the adapter computes, so it is refused rather than ignored. labkit reads:
+_PEFT_READ = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "init_lora_weights"}
+# These describe the adapter, or act only with an option checked here (loftq_config with
+# init_lora_weights="loftq", megatron_core with megatron_config, ...): ignored.
+_PEFT_IGNORED = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+                 "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
+                 "qalora_group_size", "ensure_weight_tying"}
+# LoRALinear has none of these options: each must be off, at peft's default (None or empty counts as off).
+_PEFT_OFF = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "fan_in_fan_out": False,
+             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+             "lora_bias": False, "megatron_config": None, "trainable_token_indices": None, "velora_config": None,
+             "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None, "layer_replication": None,
+             "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None}
+_PEFT_KEYS = _PEFT_READ | _PEFT_IGNORED | set(_PEFT_OFF)
+# The initialisations known to leave the base W0 as it is, as labkit's inits (the file's A and B
+# replace them anyway). PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA move part of W0 into A and B: their
+# adapter belongs to a changed base, not to the one on disk.
+_PEFT_INITS = {True: "kaiming", "gaussian": "gaussian", False: "random"}
+
+
+def _check_peft_options(folder, c):
+    unknown = sorted(set(c) - _PEFT_KEYS)
+    if unknown:
+        raise ValueError(f"{folder} has peft options labkit does not know: {unknown} (a newer peft?); labkit cannot "
+                         "tell whether they change the adapter, so it does not load it: load it with peft")
+    on = {k: c[k] for k, off in _PEFT_OFF.items() if c.get(k, off) not in (off, None, [], {})}
+    if on:
+        raise ValueError(f"{folder} uses peft options labkit's LoRALinear does not have: {on}; load it with peft")
+    init = c.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init == "gaussian"):
+        raise ValueError(f"{folder} was made with init_lora_weights={init!r}; labkit loads adapters made with "
+                         f"True, False or 'gaussian' only, whose base is the unchanged model (PiSSA, OLoRA, LoftQ, "
+                         "CorDA change W0). Load it with peft, or save it again with peft's save_pretrained(..., "
+                         "path_initial_model_for_weight_conversion=...), which turns it into a plain LoRA adapter")
 
 
 def _read_peft(folder):
@@ -331,11 +363,10 @@ def _read_peft(folder):
     c = json.loads((folder / "adapter_config.json").read_text())
     if c.get("peft_type") != "LORA":
         raise ValueError(f"{folder} holds a {c.get('peft_type')} adapter: labkit loads LoRA adapters only")
-    odd = {k: c[k] for k, plain in _PEFT_UNSUPPORTED.items() if c.get(k, plain) not in (plain, None, [], {})}
-    if odd:
-        raise ValueError(f"{folder} uses peft options labkit's LoRALinear does not have: {odd}")
+    _check_peft_options(folder, c)
     config = dict(target_modules=c["target_modules"], r=c["r"], alpha=c["lora_alpha"],
-                  dropout=c.get("lora_dropout", 0.0), init="kaiming", use_rslora=c.get("use_rslora", False))
+                  dropout=c.get("lora_dropout", 0.0), init=_PEFT_INITS[c.get("init_lora_weights", True)],
+                  use_rslora=c.get("use_rslora", False))
     if not (folder / "adapter_model.safetensors").is_file():
         raise ValueError(f"{folder} has no adapter_model.safetensors (an older peft's adapter_model.bin is not "
                          "read here: load it with peft and save it again)")

@@ -227,3 +227,30 @@ def test_an_adapter_for_another_base_model_is_refused(tmp_path):
         lk.load_adapter(lk.tiny_llama(hidden_size=32, intermediate_size=64), folder)
     with pytest.raises(ValueError, match="format must be"):
         lk.save_adapter(_trained_lora(), tmp_path / "x", format="gguf")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_a_peft_adapter_whose_init_changed_the_base_is_refused(tmp_path, init):
+    """PiSSA and OLoRA take their A and B out of W0, so peft saves an adapter that belongs to a base
+    W0 - scaling B A, not to the base on disk: loaded as plain LoRA it would be silently wrong."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    theirs = get_peft_model(lk.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                         init_lora_weights=init))
+    theirs.save_pretrained(tmp_path / init)
+    with pytest.raises(ValueError, match=rf"init_lora_weights.*{init}"):
+        lk.load_adapter(lk.tiny_llama(), tmp_path / init)
+
+
+def test_a_peft_option_labkit_does_not_know_is_refused_by_name(tmp_path):
+    import json
+    from peft import LoraConfig, get_peft_model
+    folder = tmp_path / "plain"
+    get_peft_model(lk.tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                               init_lora_weights=False)).save_pretrained(folder)
+    lk.load_adapter(lk.tiny_llama(), folder)                   # init False (random B) leaves the base alone: fine
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"use_mora": True}))   # another (future) peft's
+    with pytest.raises(ValueError, match="use_mora"):
+        lk.load_adapter(lk.tiny_llama(), folder)
+    assert set(config) <= set(lk.lora._PEFT_KEYS)              # labkit knows every key this peft writes
