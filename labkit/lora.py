@@ -311,12 +311,23 @@ def _save_peft(model, config, folder):
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {_PEFT_PREFIX + k + _PEFT_SUFFIX: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config["r"], "lora_alpha": config["alpha"],
+    peft_config = {"peft_type": "LORA", "task_type": _peft_task_type(model), "r": config["r"], "lora_alpha": config["alpha"],
                    "lora_dropout": config["dropout"], "use_rslora": config["use_rslora"], "bias": "none",
                    "target_modules": config["target_modules"], "fan_in_fan_out": False, "inference_mode": True,
                    "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return folder
+
+
+def _peft_task_type(model):
+    """The task_type by which PeftModel.from_pretrained picks its wrapper: CAUSAL_LM for a causal LM
+    (its wrapper calls the model's generation methods, which an encoder lacks), FEATURE_EXTRACTION for
+    a transformers model without a head (BERT's encoder, MiniLM), None (peft's plain PeftModel) otherwise."""
+    if type(model).__name__.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if getattr(model, "base_model", None) is model:          # transformers: a model without a head is its own base
+        return "FEATURE_EXTRACTION"
+    return None
 
 
 # An allow-list of adapter_config.json's keys (peft 0.21's LoraConfig): an option labkit does not

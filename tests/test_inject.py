@@ -254,3 +254,22 @@ def test_a_peft_option_labkit_does_not_know_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="use_mora"):
         lk.load_adapter(lk.tiny_llama(), folder)
     assert set(config) <= set(lk.lora._PEFT_KEYS)              # labkit knows every key this peft writes
+
+
+def test_a_bert_adapter_in_peft_format_is_a_feature_extraction_one(tmp_path):
+    """peft picks its wrapper by task_type: CAUSAL_LM's needs generate()'s methods, which an encoder
+    (BERT, MiniLM) does not have; FEATURE_EXTRACTION's is the one for a model without a head."""
+    import json
+    from peft import PeftModel
+    ours = lk.inject_lora(lk.tiny_bert(), ["query", "value"], r=2, alpha=4)
+    for _, m in lk.lora_layers(ours):
+        m.lora_B.data.normal_(std=0.1)
+    folder = lk.save_adapter(ours, tmp_path / "bert", format="peft")
+    assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    theirs = PeftModel.from_pretrained(lk.tiny_bert(), folder)
+    x = ids(n=2, T=8) % 100
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).last_hidden_state, ours(input_ids=x).last_hidden_state,
+                                   rtol=0, atol=1e-6)
+    llama = lk.save_adapter(trained(), tmp_path / "llama", format="peft")
+    assert json.loads((llama / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
