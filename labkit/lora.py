@@ -311,8 +311,9 @@ def _save_peft(model, config, folder):
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {_PEFT_PREFIX + k + _PEFT_SUFFIX: v.detach().contiguous() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config = {"peft_type": "LORA", "task_type": _peft_task_type(model), "r": config["r"], "lora_alpha": config["alpha"],
-                   "lora_dropout": config["dropout"], "use_rslora": config["use_rslora"], "bias": "none",
+    peft_config = {"peft_type": "LORA", "task_type": _peft_task_type(model), "r": config["r"],
+                   "lora_alpha": config["alpha"], "lora_dropout": config["dropout"], "use_rslora": config["use_rslora"],
+                   "bias": "none",
                    "target_modules": config["target_modules"], "fan_in_fan_out": False, "inference_mode": True,
                    "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
