@@ -70,30 +70,38 @@ def attach(model, adapters):
     layers = sorted({k.rsplit(".", 1)[0] for _, tensors in read.values() for k in tensors})
     r_max = max(config["r"] for config, _ in read.values())
     scaling = torch.tensor([lora_scaling(c["alpha"], c["r"], c["use_rslora"]) for c, _ in read.values()])
+    # Every layer is checked, and its stacks built, before the first one is replaced: a refused call changes nothing.
+    stacks = {layer: _stack(model, layer, names, list(read.values()), r_max) for layer in layers}
     model.requires_grad_(False)
-    for layer in layers:
-        try:
-            base = model.get_submodule(layer)
-        except AttributeError:
-            raise ValueError(f"adapter layer {layer} is not a module of this {type(model).__name__}: "
-                             "the adapters were trained on another model") from None
-        if not is_linear(base):
-            raise TypeError(f"{layer} is a {type(base).__name__}, not a linear layer (attach adapters to a fresh "
-                            "base model, without LoRA layers of its own)")
-        A = torch.zeros(len(names), r_max, base.in_features)
-        B = torch.zeros(len(names), base.out_features, r_max)
-        for i, (config, tensors) in enumerate(read.values()):
-            if f"{layer}.lora_A" not in tensors:
-                continue                                   # this adapter leaves the layer alone
-            a, b = tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"]
-            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-                raise ValueError(f"adapter {names[i]!r} does not fit {layer}: A {tuple(a.shape)}, B "
-                                 f"{tuple(b.shape)} for a layer of {base.in_features} -> {base.out_features}")
-            A[i, :a.shape[0]], B[i, :, :b.shape[1]] = a, b
+    for layer, (base, A, B) in stacks.items():
         device = _device(base)
         replace_module(model, layer, MultiLoRALinear(base, names, A.to(device), B.to(device), scaling.to(device)))
     model.adapter_names = names
     return model
+
+
+def _stack(model, layer, names, read, r_max):
+    """(base, A, B) of one layer: every adapter's A and B for it, zero-padded to r_max, after checking
+    that the layer is a plain linear layer of this model that they fit."""
+    try:
+        base = model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"adapter layer {layer} is not a module of this {type(model).__name__}: "
+                         "the adapters were trained on another model") from None
+    if not is_linear(base):
+        raise TypeError(f"{layer} is a {type(base).__name__}, not a linear layer (attach adapters to a fresh "
+                        "base model, without LoRA layers of its own)")
+    A = torch.zeros(len(names), r_max, base.in_features)
+    B = torch.zeros(len(names), base.out_features, r_max)
+    for i, (config, tensors) in enumerate(read):
+        if f"{layer}.lora_A" not in tensors:
+            continue                                   # this adapter leaves the layer alone
+        a, b = tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"]
+        if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            raise ValueError(f"adapter {names[i]!r} does not fit {layer}: A {tuple(a.shape)}, B "
+                             f"{tuple(b.shape)} for a layer of {base.in_features} -> {base.out_features}")
+        A[i, :a.shape[0]], B[i, :, :b.shape[1]] = a, b
+    return base, A, B
 
 
 @contextmanager

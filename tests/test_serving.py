@@ -154,3 +154,42 @@ def test_the_cached_scores_follow_from_the_cached_answers():
             (serving.RECIPE["r"], serving.RECIPE["alpha"], sorted(lk.lora.QKVO))
         assert results["training"][name]["steps"] == serving.RECIPE["steps"] * (3 if name == "union" else 1)
     assert len(serving.union_rows()) == 1200
+
+
+def snapshot(model):
+    """What a refused attach must leave as it was: module types, weights, and what trains."""
+    return ([(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, before):
+    types, weights, grads = snapshot(model)
+    assert types == before[0], "a refused attach changed the model's modules"
+    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
+    assert grads == before[2], "a refused attach changed what trains"
+
+
+def test_a_refused_attach_leaves_the_model_as_it_was(saved, tmp_path):
+    """Every adapter is checked against every layer before the first layer is replaced."""
+    from transformers import MistralConfig, MistralForCausalLM
+    models, paths = saved
+    deep = lk.inject_lora(lk.tiny_llama(num_hidden_layers=4), ["v_proj"], r=2, alpha=4)
+    too_deep = {"people": paths["people"], "deep": lk.save_adapter(deep, tmp_path / "deep.safetensors")}
+    llama = lk.tiny_llama()
+    mistral = MistralForCausalLM(MistralConfig(**{k: getattr(llama.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads")}))
+    refused = [(lk.tiny_llama(), too_deep, ValueError, r"model\.layers\.2.* is not a module"),   # unknown names
+               (lk.tiny_llama(hidden_size=32, intermediate_size=64), paths, ValueError, "does not fit"),  # shapes
+               (lk.inject_lora(lk.tiny_llama(), ["v_proj"], r=4, alpha=8), paths, TypeError, "fresh base model"),
+               (mistral, paths, ValueError, "not on this mistral model")]                             # model type
+    for model, adapters, error, message in refused:
+        before = snapshot(model)
+        with pytest.raises(error, match=message):
+            serving.attach(model, adapters)
+        assert_unchanged(model, before)
+    model = refused[0][0]                                       # then the right adapters attach
+    serving.attach(model, paths)
+    with torch.no_grad(), serving.rows(model, ["people"] * 4):
+        torch.testing.assert_close(model(input_ids=IDS).logits, models["people"](input_ids=IDS).logits,
+                                   rtol=0, atol=1e-5)
