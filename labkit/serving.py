@@ -118,13 +118,14 @@ def rows(model, names):
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     index = torch.tensor([-1 if n is None else known.index(n) for n in names], dtype=torch.long,
                          device=layers[0].A.device)                # moved once, not in every layer
+    outer = [m.row_index for m in layers]          # an enclosing rows() block's choice (None if none)
     for m in layers:
         m.row_index = index
     try:
         yield model
     finally:
-        for m in layers:
-            m.row_index = None
+        for m, k in zip(layers, outer):            # given back when this block ends
+            m.row_index = k
 
 
 @torch.no_grad()

@@ -193,3 +193,16 @@ def test_a_refused_attach_leaves_the_model_as_it_was(saved, tmp_path):
     with torch.no_grad(), serving.rows(model, ["people"] * 4):
         torch.testing.assert_close(model(input_ids=IDS).logits, models["people"](input_ids=IDS).logits,
                                    rtol=0, atol=1e-5)
+
+
+def test_nested_rows_give_the_outer_rows_back(saved):
+    models, paths = saved
+    model = serving.attach(lk.tiny_llama(), paths)
+    with torch.no_grad(), serving.rows(model, ["people"] * 4):
+        with serving.rows(model, ["dates"] * 4):
+            inner = model(input_ids=IDS).logits
+        outer = model(input_ids=IDS).logits                     # people's again, after the inner block
+        torch.testing.assert_close(inner, models["dates"](input_ids=IDS).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(outer, models["people"](input_ids=IDS).logits, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no adapter chosen"):
+        model(input_ids=IDS)                                    # and none outside them all
