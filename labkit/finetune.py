@@ -338,8 +338,8 @@ def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if isinstance(model, PromptModel):
-            greedy(model, tok, prompts, max_new_tokens=new_tokens, stop_at_eos=False)
+        if isinstance(model, PromptModel):            # all prompts in one batch, as generate() takes them
+            greedy(model, tok, prompts, max_new_tokens=new_tokens, batch_size=len(prompts), stop_at_eos=False)
         else:
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)

@@ -248,11 +248,11 @@ def greedy_ids(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=T
             mask = torch.cat([torch.ones(len(mask), pm.n, dtype=mask.dtype, device=device), mask], 1)
             new = torch.empty(len(mask), 0, dtype=torch.long, device=device)
             done = torch.zeros(len(mask), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 nxt = out.logits[:, -1].argmax(-1)
                 new = torch.cat([new, nxt[:, None]], 1)
                 done |= (nxt == tok.eos_token_id) & stop_at_eos
-                if done.all():
+                if done.all() or step == max_new_tokens - 1:    # the last token needs no forward pass
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                 pos = pos[:, -1:] + 1

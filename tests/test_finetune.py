@@ -149,8 +149,26 @@ def test_length_stats_and_answer_loss(tok):
         text.answer_loss(model, tok, rows, batch_size=5), rel=1e-5)
 
 
-def test_latency_per_token_is_positive(tok):
-    assert 0 < finetune.latency_per_token(tiny_for(tok), tok, "Hi", new_tokens=4, repeats=1) < 10
+def forward_clock(monkeypatch, module):
+    """A fake clock for lk.finetune: its time.perf_counter() counts the forward passes of `module`,
+    so latency_per_token returns forward passes per generated token, whatever the machine."""
+    from types import SimpleNamespace
+    passes = [0]
+    module.register_forward_pre_hook(lambda m, args: passes.__setitem__(0, passes[0] + 1))
+    monkeypatch.setattr(finetune, "time", SimpleNamespace(perf_counter=lambda: float(passes[0])))
+
+
+@pytest.mark.parametrize("prompt_method", [False, True])
+@pytest.mark.parametrize("n_prompts", [1, 20])        # 20: more than the decoder's default batch of 16
+def test_latency_is_one_forward_pass_per_token(tok, monkeypatch, prompt_method, n_prompts):
+    """One decoding step makes one token per row: timed with a clock that ticks once per forward
+    pass, a batch of any size costs 1.0 per token, with or without virtual tokens."""
+    model = tiny_for(tok)
+    if prompt_method:
+        model = lk.prompts.PromptModel(model, "ptuning_v2", 4, init="random")
+    forward_clock(monkeypatch, model.model if prompt_method else model)
+    prompts = "Hi" if n_prompts == 1 else [f"Hi {i}" for i in range(n_prompts)]
+    assert finetune.latency_per_token(model, tok, prompts, new_tokens=4, repeats=2) == 1.0
 
 
 def stream(vocab=256, B=2, T=10):
