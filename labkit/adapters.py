@@ -7,6 +7,8 @@
 - IA3 (Liu et al., 2022): learned vectors that rescale the keys, the values and the MLP's inner
   activation; they start at one, so the model starts at the base model too.
 """
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -74,10 +76,17 @@ def inject_adapters(model, kind="serial", bottleneck=16, activation="relu", scal
         module = model.get_submodule(name)
         wrapped = (SerialAdapter(module, d, bottleneck, activation) if kind == "serial"
                    else ParallelAdapter(module, d, bottleneck, activation, scale))
-        replace_module(model, name, wrapped.to(next(module.parameters()).device))
+        replace_module(model, name, wrapped.to(module_device(module) or module_device(model)))
     model.adapter_config = dict(kind=kind, bottleneck=bottleneck, activation=activation, scale=scale,
                                 targets=list(targets))
     return model
+
+
+def module_device(module):
+    """Where a module's tensors are: its first parameter's device, or its first buffer's (a 4-bit
+    layer without a bias holds its weight in buffers only); None if it holds no tensor at all."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if tensor is None else tensor.device
 
 
 def _match(model, targets):

@@ -107,3 +107,32 @@ def test_ia3_bad_input():
         adapters.inject_ia3(lk.tiny_llama(), targets=["k_proj"], feedforward=["down_proj"])
     with pytest.raises(TypeError, match="wraps nn.Linear"):
         adapters.IA3Linear(torch.nn.LayerNorm(4))
+
+
+class BufferLinear(torch.nn.Module):
+    """A bias-less linear layer whose weight is a buffer, as in a 4-bit layer: no parameters at all."""
+
+    def __init__(self, d, device):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(d, d, device=device))
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+@pytest.mark.parametrize("kind", ["serial", "parallel"])
+def test_adapters_wrap_a_layer_that_holds_only_buffers(kind):
+    """lk.LinearNF4 without a bias keeps its weight in buffers only; the adapter must still be made
+    on the layer's device (the buffers': here "meta", where the rest of the model is on the CPU)."""
+    model = lk.qlora.quantize_model(lk.tiny_llama())
+    assert not list(model.model.layers[0].self_attn.o_proj.parameters())
+    x = ids()
+    want = model(input_ids=x).logits
+    model = adapters.inject_adapters(model, kind, bottleneck=8, targets=("o_proj",))
+    assert torch.equal(model(input_ids=x).logits, want)
+    model = lk.tiny_llama()
+    lk.replace_module(model, "model.layers.0.self_attn.o_proj", BufferLinear(64, "meta"))
+    adapters.inject_adapters(model, kind, bottleneck=8, targets=("o_proj",))
+    layers = model.model.layers
+    assert layers[0].self_attn.o_proj.adapter.down.weight.device.type == "meta"
+    assert layers[1].self_attn.o_proj.adapter.down.weight.device.type == "cpu"
