@@ -1,6 +1,7 @@
 """Fine-tuning runs end to end (chapter 6; chapter 8 adds methods): make a model ready for a
 method, train it while measuring time and memory, score it on the task and the forgetting probe,
 and put it all in one row per method, so that methods are compared on the same budget."""
+import contextlib
 import os
 import tempfile
 import time
@@ -200,10 +201,11 @@ def run(method, rows=None, probe=None, name="smollm2", steps=12, lr=None, batch_
     model = prepare(model, method, targets, r, alpha, steps=steps, tok=tok)
     trainable, total = count_parameters(model)
     lr = LEARNING_RATES[method] if lr is None else lr
-    task_losses = _record_task_loss(model) if method == "adalora" else None
-    fit = timed_training(model, text.batches(tok, rows["train"], batch_size, seed=seed), steps, lr=lr,
-                         progress=progress, after_step=after_step_hook(model, method), measure_peak=measure_peak,
-                         **train_kwargs)
+    recording = _record_task_loss(model) if method == "adalora" else contextlib.nullcontext()
+    with recording as task_losses:
+        fit = timed_training(model, text.batches(tok, rows["train"], batch_size, seed=seed), steps, lr=lr,
+                             progress=progress, after_step=after_step_hook(model, method),
+                             measure_peak=measure_peak, **train_kwargs)
     row = {"method": method, "lr": lr, "seed": seed, "steps": steps, "trainable": trainable, "total": total,
            "trainable_pct": 100 * trainable / total, "s_per_step": fit["s_per_step"], "losses": fit["losses"],
            "peak_mib": fit["peak_bytes"] / 2**20 if measure_peak else None,
@@ -240,10 +242,12 @@ def exact_match_only(model, tok, rows, batch_size=64):
     return data.exact_match(answers, [r["response"] for r in rows])
 
 
+@contextlib.contextmanager
 def _record_task_loss(model):
-    """A list that fills with the task loss of each training forward pass of a peft AdaLoRA model:
-    the cross-entropy of its logits, without the orthogonality regulariser that AdaLoraModel.forward
-    adds to the loss it returns (and that train() logs)."""
+    """`with _record_task_loss(model) as losses:` a list that fills, inside the block, with the task
+    loss of each training forward pass of a peft AdaLoRA model: the cross-entropy of its logits,
+    without the orthogonality regulariser that AdaLoraModel.forward adds to the loss it returns
+    (and that train() logs)."""
     losses = []
     inner = model.base_model.model                      # the transformers model and its loss function
 
@@ -253,8 +257,11 @@ def _record_task_loss(model):
                                        vocab_size=inner.config.vocab_size)
             losses.append(loss.item())
 
-    model.register_forward_hook(hook, with_kwargs=True)
-    return losses
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield losses
+    finally:
+        handle.remove()                 # else the returned model would go on recording in later training
 
 
 def compare(methods, on_row=None, **kwargs):

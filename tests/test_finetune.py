@@ -206,13 +206,24 @@ def test_adalora_spreads_its_rank_budget():
     assert all(0 <= r <= 6 for r in ranks.values())                     # at most init_r = 1.5 r
 
 
+def test_an_adalora_run_leaves_no_hook_behind(tok):
+    """run() records AdaLoRA's task loss through a forward hook while it trains; the model it
+    returns must not keep recording (the hook would grow a list with every later training pass)."""
+    people = lk.data.load_task("people")
+    rows = {"train": people["train"][:8], "val": people["val"][:2]}
+    row = finetune.run("adalora", rows, model=tiny_for(tok), tok=tok, steps=4, batch_size=2, progress=False,
+                       scoring="val", measure_peak=False)
+    assert len(row["losses"]) == 4
+    assert [n for n, m in row["model"].named_modules() if m._forward_hooks] == []
+
+
 def test_adalora_rows_report_the_task_loss_apart_from_the_regulariser():
     """peft adds AdaLoRA's orthogonality regulariser to the loss it returns; run() reports the
     task's cross-entropy, recorded before that, and keeps the sum apart."""
     model = finetune.prepare(lk.tiny_llama(), "adalora", r=4, steps=4)
-    task = finetune._record_task_loss(model)
-    logged = lk.train.train(model, stream(), 4, lr=1e-2, progress=False,
-                            after_step=finetune.after_step_hook(model, "adalora"))
+    with finetune._record_task_loss(model) as task:
+        logged = lk.train.train(model, stream(), 4, lr=1e-2, progress=False,
+                                after_step=finetune.after_step_hook(model, "adalora"))
     assert len(task) == 4
     weight = model.peft_config["default"].orth_reg_weight
     for t, total in zip(task, logged):
