@@ -178,23 +178,49 @@ def stream(vocab=256, B=2, T=10):
         yield {"input_ids": x, "labels": x}
 
 
+def base_name(model, name):
+    """The name a parameter or module of a prepared model had in the model before: wrappers put a
+    prefix in front (peft's "base_model.model.", a PromptModel's "model.") and a step into the
+    layer they wrap ("base." in labkit's wrappers, "base_layer." in peft's)."""
+    prefix = "model." if isinstance(model, lk.prompts.PromptModel) else "base_model.model."
+    name = name.removeprefix(prefix) if name.startswith(prefix) else name
+    return ".".join(part for part in name.split(".") if part not in ("base", "base_layer"))
+
+
 @pytest.mark.parametrize("method", finetune.METHODS)
 def test_every_method_trains_only_its_own_parameters(method):
+    """Each base weight is found by its name (not by its value: every RMSNorm weight starts as all
+    ones), and is frozen and unchanged after training; full fine-tuning trains and moves them all;
+    QLoRA keeps the linear layers' weights as NF4 buffers, which training must not change."""
     model = lk.tiny_llama()
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = finetune.prepare(model, method, steps=4, prompt_init="zero")       # text init needs a tokenizer
     trainable, total = lk.count_parameters(model)
     assert 0 < trainable <= total
     if method != "full":
         assert trainable < 0.5 * total
+    nf4 = {base_name(model, n): m for n, m in model.named_modules() if isinstance(m, lk.LinearNF4)}
+    packed = {n: m.packed.clone() for n, m in nf4.items()}
     losses = lk.train.train(model, stream(), 4, lr=1e-3, progress=False,
                             after_step=finetune.after_step_hook(model, method))
     assert len(losses) == 4 and all(l == l for l in losses)            # no NaN
-    if method in ("full", "qlora"):
-        return                                                          # full moves them; qlora re-stores them
-    still = [q for q in model.parameters() if not q.requires_grad]     # names change when wrapped
-    for n, p in frozen.items():                                       # the base weights did not move
-        assert any(q.shape == p.shape and torch.equal(q, p) for q in still), n
+    params = dict(model.named_parameters())
+    if method == "full":
+        assert params.keys() == before.keys()
+        for n, p in params.items():
+            assert p.requires_grad and not torch.equal(p, before[n]), n
+        return
+    frozen = {base_name(model, n): p for n, p in params.items() if not p.requires_grad}
+    leaked = [n for n, p in params.items() if p.requires_grad and base_name(model, n) in before]
+    assert not leaked, f"base weights that train: {leaked}"
+    if method == "qlora":                    # every linear layer but the head is now NF4 bytes
+        assert nf4 and all(n + ".weight" in before and n + ".weight" not in frozen for n in nf4)
+        for n, m in nf4.items():
+            assert torch.equal(m.packed, packed[n]), n
+        before = {n: p for n, p in before.items() if n.removesuffix(".weight") not in nf4}
+    assert before.keys() <= frozen.keys()              # (peft's AdaLoRA adds a frozen rank count per layer)
+    for n, p in before.items():                                       # the base weights did not move
+        assert torch.equal(frozen[n], p), n
 
 
 def test_adalora_spreads_its_rank_budget():
