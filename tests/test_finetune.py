@@ -28,7 +28,11 @@ def test_activation_arithmetic_matches_what_autograd_saves(method, targets, B, T
     with memory.count_saved_tensors(model) as saved:
         model(input_ids=ids, labels=ids)
     predicted = memory.activation_bytes(model.config, B, T, method, targets, r=8)
-    assert abs(predicted / saved["bytes"] - 1) < 0.05, (predicted, saved["bytes"])
+    # The arithmetic leaves out a few fixed-size tensors (full fine-tuning's int64 input ids for the
+    # embedding's backward, the mask, the loss's scratch): measured 0.22% to 0.61% under the count on
+    # this toy model, never over it. Hence: under, by less than 1%. (The README's 0.03% is the whole
+    # step's peak on SmolLM2, where those tensors weigh far less.)
+    assert -0.01 < predicted / saved["bytes"] - 1 <= 0, (predicted, saved["bytes"])
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
