@@ -172,6 +172,7 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
         if not is_linear(module):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear: "
                             "LoRALinear can only wrap linear layers")
+        _check_lora_args(module, r, alpha, dropout, init)       # r fits every target, before the first is replaced
     model.requires_grad_(False)                                  # freeze every weight of the model,
     for name in targets:                                         # then put a LoRALinear around each target
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, init, use_rslora))
@@ -426,12 +427,13 @@ def load_adapter(model, path):
     (written by save_adapter(format="peft") or by peft's save_pretrained). A model without LoRA
     layers gets them first, with the adapter's settings. A model with LoRA layers must have the
     adapter's r, alpha and rsLoRA (they set the update's scale) and must not be merged (its W0
-    would keep the old update). Shapes and names must match exactly."""
+    would keep the old update). Shapes and names must match exactly. Everything is checked before
+    the model changes: a refused adapter leaves it as it was."""
     config, tensors = read_adapter(path)
     check_model_type(model, config, path)
     layers = lora_layers(model)
     if not layers:
-        inject_lora(model, **config)
+        own = _lora_shapes(model, config)              # what inject_lora would make, before it makes it
     else:
         merged = [n for n, m in layers if m.merged]
         if merged:
@@ -442,14 +444,25 @@ def load_adapter(model, path):
         if differ:
             raise ValueError(f"adapter {path} was trained with other settings than this model's LoRA layers: "
                              f"{differ} (file, model); load it into a fresh model, which gets the file's settings")
-    own = lora_state_dict(model)
+        own = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or extra:
         raise ValueError(f"adapter {path} does not fit this model: missing {missing[:3]}, "
                          f"unexpected {extra[:3]} ({len(missing)} missing, {len(extra)} unexpected)")
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if tensors[k].shape != own[k].shape]
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {own[k]}" for k in own if tuple(tensors[k].shape) != own[k]]
     if bad:
         raise ValueError(f"adapter {path} has shapes that do not match the model: {bad[:3]}")
+    if not layers:
+        inject_lora(model, **config)
     model.load_state_dict(tensors, strict=False)
     return model
+
+
+def _lora_shapes(model, config):
+    """{'<layer>.lora_A': (r, in), '<layer>.lora_B': (out, r)}: the tensors inject_lora(model, **config) adds."""
+    shapes, r = {}, config["r"]
+    for name in find_targets(model, config["target_modules"]):
+        m = model.get_submodule(name)
+        if is_linear(m):
+            shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (r, m.in_features), (m.out_features, r)
+    return shapes

@@ -273,3 +273,35 @@ def test_a_bert_adapter_in_peft_format_is_a_feature_extraction_one(tmp_path):
                                    rtol=0, atol=1e-6)
     llama = lk.save_adapter(trained(), tmp_path / "llama", format="peft")
     assert json.loads((llama / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def snapshot(model):
+    """What a refused call must leave as it was: module types, weights, and what trains."""
+    return ([(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, before):
+    types, weights, grads = snapshot(model)
+    assert types == before[0], "a refused call changed the model's modules"
+    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
+    assert grads == before[2], "a refused call changed what trains"
+
+
+def test_a_refused_load_leaves_the_model_as_it_was(tmp_path):
+    model = lk.tiny_llama()
+    before = snapshot(model)
+    other_sizes = lk.save_adapter(_trained_lora(hidden_size=32, intermediate_size=64), tmp_path / "small", format="peft")
+    more_layers = lk.save_adapter(_trained_lora(num_hidden_layers=4), tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError, match="shapes that do not match"):
+        lk.load_adapter(model, other_sizes)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"does not fit this model.*model\.layers\.2"):
+        lk.load_adapter(model, more_layers)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="larger than min"):      # r = 40 fits q_proj (64 x 64), not k_proj (-> 32)
+        lk.inject_lora(model, QKVO, r=40, alpha=8)
+    assert_unchanged(model, before)
+    good = trained()                                           # then a right adapter, of other settings, loads
+    lk.load_adapter(model, lk.save_adapter(good, tmp_path / "good.safetensors"))
+    assert torch.equal(model(ids()).logits, good(ids()).logits)
