@@ -1,6 +1,9 @@
-"""Shared pytest set-up: offline hub, and the time each notebook took under nbval."""
+"""Shared pytest set-up: offline hub, the time each notebook took under nbval, and require()."""
 import collections
+import importlib
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")      # a test must never wait on the Hugging Face hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,3 +23,18 @@ def pytest_terminal_summary(terminalreporter):
         for path, s in sorted(_seconds.items()):
             terminalreporter.write_line(f"{s:7.1f} s  {path}")
         terminalreporter.write_line(f"{sum(_seconds.values()):7.1f} s  in all")
+
+
+def require(name):
+    """Import a package that labkit depends on (bitsandbytes, accelerate, ...) for a test, and
+    return it. Where it does not import, the test is skipped on a learner's machine, but fails in CI
+    (CI=true): there a broken wheel must show up red, not as parity tests quietly skipped.
+    Usable at a module's top (`bnb = require("bitsandbytes")`) or inside a test or fixture."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} does not import under CI ({e}); it is a dependency of labkit: "
+                        "check that `pip install -e .` installed it and that its wheel fits this machine",
+                        pytrace=False)
+        pytest.skip(f"{name} does not import ({e}): `pip install -e .` installs it", allow_module_level=True)
