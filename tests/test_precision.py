@@ -8,8 +8,10 @@ bf16 rounds to 8 significant bits, so losses agree within 5e-2 relative.
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import labkit as lk
+from conftest import require
 from labkit import adapters
 from labkit.train import autocast, train
 
@@ -80,18 +82,35 @@ def test_a_bf16_model_keeps_its_trained_tensors_in_fp32(method):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in _trained(model).values())
 
 
+def _nf4_layer_and_references(layer, x):
+    """(layer(x), the same product computed in x's dtype from the bf16-rounded weight, and computed
+    in fp32 from the fp32 weight, both returned in x's dtype): what a layer's compute dtype decides."""
+    W = lk.dequantize_nf4(layer.packed, layer.quant_state())                  # fp32
+    return layer(x), F.linear(x.bfloat16(), W.bfloat16()).to(x.dtype), F.linear(x.float(), W).to(x.dtype)
+
+
+def _closer(out, want, other):
+    """out is want's numbers, not other's: within a tenth of how far the two references are apart."""
+    apart = (want.float() - other.float()).abs().max()
+    return apart > 0 and (out.float() - want.float()).abs().max() <= 0.1 * apart
+
+
 def test_qlora_with_a_bf16_compute_dtype_on_an_fp32_model():
+    """The NF4 layers take fp32 in and give fp32 back, but compute in bf16: their numbers are a bf16
+    product's (a layer that ignored compute_dtype would give the fp32 product's, and the same loss)."""
     ours = _perturb(lk.inject_qlora(lk.tiny_llama(), QKVO, r=4, alpha=8, compute_dtype=torch.bfloat16))
     ref = _perturb(lk.inject_qlora(lk.tiny_llama(), QKVO, r=4, alpha=8))
-    assert ours.model.layers[0].self_attn.v_proj.base(torch.randn(3, 64)).dtype == torch.float32
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    out, in_bf16, in_fp32 = _nf4_layer_and_references(ours.model.layers[0].self_attn.v_proj.base, x)
+    assert out.dtype == torch.float32 and _closer(out, in_bf16, in_fp32)
     loss, grads = _loss_and_grads(ours, torch.enable_grad())
     ref_loss, _ = _loss_and_grads(ref, torch.enable_grad())
-    assert abs(loss - ref_loss) <= 5e-2 * ref_loss
+    assert loss != ref_loss and abs(loss - ref_loss) <= 5e-2 * ref_loss
     assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
 
 
 def test_bnb_qlora_through_peft_under_bf16_autocast(tmp_path):
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     lk.tiny_llama().save_pretrained(tmp_path)
     ours = _perturb(lk.inject_qlora(lk.tiny_llama(), QKVO, r=4, alpha=8, double_quant=False))
@@ -130,8 +149,14 @@ def test_linear_nf4_keeps_its_constants_when_the_model_changes_dtype(double_quan
 
 
 def test_a_qlora_model_cast_to_bf16_computes_in_bf16():
+    """.to(bf16) makes the model compute in bf16, but not its NF4 layers: they keep their own compute
+    dtype (fp32 by default), taking bf16 in, computing in fp32 and giving bf16 back. Their numbers are
+    the fp32 product's, rounded once (a layer that computed in its input's dtype gives other ones)."""
     model = lk.inject_qlora(lk.tiny_llama(), QKVO, r=4, alpha=8).to(torch.bfloat16)
     assert model(input_ids=X).logits.dtype == torch.bfloat16
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    out, in_bf16, in_fp32 = _nf4_layer_and_references(model.model.layers[0].self_attn.v_proj.base, x)
+    assert out.dtype == torch.bfloat16 and _closer(out, in_fp32, in_bf16)
 
 
 def test_train_with_amp_on_the_cpu_autocasts_to_bf16():
@@ -174,3 +199,15 @@ def test_train_moves_each_batch_to_the_models_device(monkeypatch):
     monkeypatch.setattr(lt, "to_device", lambda batch, device: moved.append(device) or real(batch, device))
     train(model, iter(lambda: {"input_ids": X, "labels": X}, None), steps=2, progress=False)
     assert moved == [lt.input_device(model)] * 2 == [model.model.embed_tokens.weight.device] * 2
+
+
+def test_a_missing_hard_dependency_skips_here_and_fails_under_ci(monkeypatch):
+    """conftest.require: a learner's machine without a package skips its tests; CI (CI=true) must
+    fail instead, or a broken wheel would turn parity tests into skips and leave CI green."""
+    monkeypatch.delenv("CI", raising=False)
+    assert require("torch") is torch
+    with pytest.raises(pytest.skip.Exception, match="labkit_no_such_package"):
+        require("labkit_no_such_package")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="labkit_no_such_package.*CI"):
+        require("labkit_no_such_package")
