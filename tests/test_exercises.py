@@ -125,10 +125,17 @@ def test_chapter7_checkers(capsys):
     ex.check_lora_params(todo)
     assert "not attempted" in capsys.readouterr().out
 
-    ex.check_subspace_similarity(lab.subspace_similarity)
+    # The checker's reference is lab.subspace_similarity itself: give it an answer computed another
+    # way, so that a wrong reference fails here (the right-singular vectors as eigenvectors of A^T A,
+    # largest first, and the paper's phi(i, j) entry by entry).
+    def by_definition(A1, A2):
+        U1, U2 = (torch.linalg.eigh(A.double().T @ A.double()).eigenvectors.flip(1)[:, :len(A)] for A in (A1, A2))
+        return torch.tensor([[(U1[:, :i].T @ U2[:, :j]).pow(2).sum().item() / min(i, j)
+                              for j in range(1, len(A2) + 1)] for i in range(1, len(A1) + 1)])
+    ex.check_subspace_similarity(by_definition)
     assert "✓" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="min"):                            # forgot to divide by min(i, j)
-        ex.check_subspace_similarity(lambda a, b: lab.subspace_similarity(a, b)
+        ex.check_subspace_similarity(lambda a, b: by_definition(a, b)
                                      * torch.minimum(torch.arange(1, len(a) + 1)[:, None], torch.arange(1, len(b) + 1)))
 
     runs = {lab.run_key(r, a, lr): {"r": r, "alpha": a, "lr": lr, "rslora": False, "targets": "q,v"}
