@@ -67,6 +67,7 @@ def test_chapter6_checkers(capsys):
         ex.check_adapter_mib(lambda n, d, d_kv, r, targets: 4 * n * len(targets) * r * 2 * d / 2**20)
 
 
+@pytest.mark.slow
 def test_largest_batch_checker(capsys):
     import labkit as lk
 

@@ -57,6 +57,7 @@ def twins(kind, make=smol, seed=0, scale=0.5):
     return ours, theirs
 
 
+@pytest.mark.slow                                   # smol(): the real SmolLM2 weights
 @pytest.mark.parametrize("kind", prompts.KINDS)
 def test_forward_and_gradients_match_peft(tok, kind):
     ours, theirs = twins(kind)
@@ -76,6 +77,7 @@ def test_forward_and_gradients_match_peft(tok, kind):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5 * g.abs().max().item())
 
 
+@pytest.mark.slow                                   # smol(): the real SmolLM2 weights
 @pytest.mark.parametrize("kind", prompts.KINDS)
 def test_decoder_first_step_equals_peft_forward(tok, kind):
     """The decoder numbers the prompt after the virtual tokens, as training (peft's forward) does:
@@ -182,6 +184,7 @@ def test_from_peft_reads_a_saved_prefix_adapter(tok, tmp_path):
         torch.testing.assert_close(again(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow                                   # smol(): the real SmolLM2 weights
 @pytest.mark.parametrize("kind", prompts.KINDS)
 def test_text_init_is_reading_the_text_first(tok, kind):
     """init="text" starts the model exactly as if it had read the text before the prompt."""
