@@ -28,7 +28,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         _check_lora_args(base, r, alpha, dropout, init)
         self.base = base.requires_grad_(False)                    # W0 (and bias): frozen
-        self.r, self.alpha, self.init = r, alpha, init
+        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, use_rslora
         self.scaling = lora_scaling(alpha, r, use_rslora)         # alpha / r, or alpha / sqrt(r) (rsLoRA)
         # A and B are kept in fp32 whatever the base's dtype (bf16, or 4 bits in chapter 5), as peft
         # keeps them (autocast_adapter_dtype): small updates to them are not lost to bf16's 8 bits.

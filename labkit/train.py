@@ -92,8 +92,10 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
         raise ValueError("checkpoint_every needs a checkpoint path to write to (checkpoint=...)")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup, schedule))
+    settings = dict(lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule, grad_accum=grad_accum,
+                    max_grad_norm=max_grad_norm)          # a checkpoint records them: a resumed run must match
     history = [] if history is None else history
-    start, losses, rng = _resume(checkpoint, model, opt, sched, history)
+    start, losses, rng = _resume(checkpoint, model, opt, sched, history, settings)
     for _ in range(start * grad_accum):                  # the batches the checkpoint has already used,
         next(batches)
     _restore_rng(rng)                                    # then the random state as it was at the save
@@ -133,10 +135,10 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
             history.append({"step": step + 1, **eval_fn(model)})
             model.train()
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save(checkpoint, model, opt, sched, losses, history)
+            _save(checkpoint, model, opt, sched, losses, history, settings)
     model.eval()
     if checkpoint is not None:
-        _save(checkpoint, model, opt, sched, losses, history)
+        _save(checkpoint, model, opt, sched, losses, history, settings)
     return losses
 
 
@@ -158,9 +160,16 @@ def _trainable_state(model):
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save(path, model, opt, sched, losses, history):
+def _lora_settings(model):
+    """What sets each LoRA layer's update besides its A and B: {layer: {r, alpha, scaling, use_rslora}}."""
+    from .lora import lora_layers
+    return {n: dict(r=m.r, alpha=m.alpha, scaling=m.scaling, use_rslora=m.use_rslora) for n, m in lora_layers(model)}
+
+
+def _save(path, model, opt, sched, losses, history, settings):
     """Write the checkpoint to a temporary file and move it into place, so a run killed while
-    saving leaves the previous checkpoint whole. Tensors, numbers and strings only: weights_only loads it."""
+    saving leaves the previous checkpoint whole. Tensors, numbers and strings only: weights_only loads it.
+    It records the run's settings and LoRA settings, which _resume checks."""
     import os
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -168,7 +177,8 @@ def _save(path, model, opt, sched, losses, history):
     history = [{k: _plain(v) for k, v in h.items()} for h in history]
     tmp = f"{path}.tmp"
     torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "losses": losses, "history": history, "rng": rng}, tmp)
+                "losses": losses, "history": history, "rng": rng, "settings": settings, "lora": _lora_settings(model)},
+               tmp)
     os.replace(tmp, path)
 
 
@@ -186,18 +196,15 @@ def _plain(value):
                     "strings only; return those")
 
 
-def _resume(path, model, opt, sched, history):
+def _resume(path, model, opt, sched, history, settings):
     """(first step, losses so far) from a checkpoint (its eval history is put into `history`, its RNG
     state restored, so dropout continues where it stopped), or a fresh start."""
     import os
     if path is None or not os.path.exists(path):
         return 0, [], None
     state = torch.load(path, map_location="cpu", weights_only=True)
+    _check_resume(path, state, model, settings)          # all checks first: a refused resume changes nothing
     own = dict(model.named_parameters())
-    missing = sorted(set(state["params"]) - {n for n, p in own.items() if p.requires_grad})
-    if missing:
-        raise ValueError(f"checkpoint {path} does not fit this model: it trains {missing[:3]}, which this model "
-                         "does not (inject the same adapters first)")
     with torch.no_grad():
         for n, t in state["params"].items():
             own[n].copy_(t)
@@ -205,6 +212,34 @@ def _resume(path, model, opt, sched, history):
     sched.load_state_dict(state["scheduler"])
     history[:0] = state["history"]
     return len(state["losses"]), list(state["losses"]), state.get("rng")   # older checkpoints: no RNG state
+
+
+def _check_resume(path, state, model, settings):
+    """Refuse a checkpoint of another run: other trainable tensors (copy_ would broadcast a rank-1 A
+    into a rank-8 one), other LoRA settings, or other settings of train() (loading the optimizer's
+    state would silently put the old learning rate back). Older checkpoints record no settings:
+    their tensors' names and shapes are still checked."""
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(state["params"]) - set(own)), sorted(set(own) - set(state["params"]))
+    if missing or extra:
+        raise ValueError(f"checkpoint {path} does not fit this model: it trains {missing[:3] or 'nothing'} that "
+                         f"this model does not, and this model trains {extra[:3] or 'nothing'} that it does not "
+                         "(inject the same adapters first)")
+    shapes = [f"{n}: checkpoint {tuple(t.shape)} vs model {tuple(own[n].shape)}"
+              for n, t in state["params"].items() if t.shape != own[n].shape]
+    if shapes:
+        raise ValueError(f"checkpoint {path} has other shapes than this model (another rank r?): {shapes[:3]}; "
+                         "inject the adapters with the run's settings to resume it")
+    now = _lora_settings(model)
+    for layer, saved in state.get("lora", {}).items():
+        differ = {k: (v, now.get(layer, {}).get(k)) for k, v in saved.items() if now.get(layer, {}).get(k) != v}
+        if differ:
+            raise ValueError(f"checkpoint {path} was trained with other LoRA settings: {layer} {differ} (checkpoint, "
+                             "model); inject with the run's settings to resume it, or use another checkpoint path")
+    differ = {k: (v, settings.get(k)) for k, v in state.get("settings", {}).items() if settings.get(k) != v}
+    if differ:
+        raise ValueError(f"checkpoint {path} was written by a run with other settings: {differ} (checkpoint, now); "
+                         "pass the run's settings to resume it, or use another checkpoint path for a new run")
 
 
 def _restore_rng(rng):

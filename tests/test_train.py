@@ -280,3 +280,58 @@ def test_schedules_are_transformers_schedules(schedule):
         opt.step()
         theirs.step()
     assert factors == pytest.approx([lr_factor(s, steps, warmup, schedule) for s in range(steps)], abs=1e-12)
+
+
+def test_resume_refuses_other_shapes_even_from_an_older_checkpoint(tmp_path):
+    """A rank-1 checkpoint resumed into a rank-8 model: copy_ would broadcast A (1, in) into (8, in)."""
+    ckpt = tmp_path / "r1.pt"
+    train(lk.inject_lora(lk.tiny_llama(), ["q_proj", "v_proj"], r=1, alpha=8), stream(), steps=1, checkpoint=ckpt,
+          progress=False)
+    for older in (False, True):
+        if older:                                  # as an older labkit wrote it: tensors, no settings
+            saved = torch.load(ckpt, weights_only=True)
+            torch.save({k: v for k, v in saved.items() if k in ("params", "optimizer", "scheduler", "losses",
+                                                                "history")}, ckpt)
+        rank8 = lk.inject_lora(lk.tiny_llama(), ["q_proj", "v_proj"], r=8, alpha=8)
+        before = state(rank8)
+        with pytest.raises(ValueError, match=r"shapes.*q_proj\.lora_A: checkpoint \(1, 64\) vs model \(8, 64\)"):
+            train(rank8, stream(), steps=2, checkpoint=ckpt, progress=False)
+        assert all(torch.equal(before[n], p) for n, p in state(rank8).items())
+
+
+def test_resume_refuses_other_lora_settings_or_optimizer_settings(tmp_path):
+    """Same names, same shapes: an alpha (or rsLoRA) changed between the runs would go unnoticed, and
+    the saved optimizer state would silently put the old learning rate back."""
+    ckpt = tmp_path / "run.pt"
+    train(lora_model(), stream(), steps=1, lr=1e-2, checkpoint=ckpt, progress=False)
+    for other, message in ((dict(alpha=16), r"alpha.*\(8, 16\)"), (dict(use_rslora=True), r"use_rslora.*\(False, True\)")):
+        model = lk.inject_lora(lk.tiny_llama(), ["q_proj", "v_proj"], **(dict(r=4, alpha=8) | other))
+        with pytest.raises(ValueError, match=rf"other LoRA settings.*{message}"):
+            train(model, stream(), steps=2, lr=1e-2, checkpoint=ckpt, progress=False)
+    for other, message in ((dict(lr=1e-3), r"'lr': \(0\.01, 0\.001\)"), (dict(weight_decay=0.1), "weight_decay"),
+                           (dict(warmup=1), "warmup"), (dict(grad_accum=2), "grad_accum")):
+        with pytest.raises(ValueError, match=rf"other settings.*{message}"):
+            train(lora_model(), stream(), steps=2, checkpoint=ckpt, progress=False, **(dict(lr=1e-2) | other))
+    assert len(train(lora_model(), stream(), steps=2, lr=1e-2, checkpoint=ckpt, progress=False)) == 2   # same: fine
+
+
+def test_an_older_checkpoint_without_settings_still_resumes(tmp_path):
+    straight = lora_model()
+    full = train(straight, stream(), steps=4, lr=1e-2, progress=False)
+    ckpt = tmp_path / "run.pt"
+    train(lora_model(), stream(), steps=2, lr=1e-2, checkpoint=ckpt, progress=False)
+    saved = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in saved.items() if k in ("params", "optimizer", "scheduler", "losses", "history")}, ckpt)
+    again = lora_model()
+    assert train(again, stream(), steps=4, lr=1e-2, checkpoint=ckpt, progress=False) == full
+    assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(again).values()))
+
+
+def test_resume_into_a_model_that_trains_more_is_refused_before_anything_changes(tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(lora_model(), stream(), steps=1, checkpoint=ckpt, progress=False)
+    more = lk.inject_lora(lk.tiny_llama(), ["q_proj", "k_proj", "v_proj"], r=4, alpha=8)
+    before = state(more)
+    with pytest.raises(ValueError, match=r"does not fit this model.*this model trains \['model\.layers\.0\.self_attn\.k"):
+        train(more, stream(), steps=2, checkpoint=ckpt, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in state(more).items())
