@@ -4,7 +4,8 @@ AdamW on the parameters that require grad; optional warm-up and linear or cosine
 accumulation and clipping, evaluation every N steps, checkpoints to resume from; batches are moved
 to the model's device; on CUDA, autocast in bf16, or in fp16 with a gradient scaler where bf16 is
 missing (the T4 of free Colab); on a CPU, bf16 autocast when asked for (amp=True).
-With the defaults it is plain AdamW at a constant learning rate, one batch per step.
+With the defaults it is plain AdamW at a constant learning rate, one batch per step, in fp32 on a CPU;
+on CUDA the default amp=None autocasts (pass amp=False for plain fp32 AdamW there too).
 """
 import math
 import sys
@@ -74,7 +75,7 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     the end. A resumed run skips the batches the checkpoint used, so pass the stream a fresh start
     would get (same data, same seed), as a restarted process has.
     `after_step(step)` is called after each optimizer step, before the gradients are cleared
-    (AdaLoRA reallocates its ranks there)."""
+    (AdaLoRA reallocates its ranks there). amp=None autocasts on CUDA only (see autocast())."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")

@@ -327,6 +327,16 @@ def test_an_older_checkpoint_without_settings_still_resumes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state(straight).values(), state(again).values()))
 
 
+def test_the_docs_say_that_the_default_autocasts_on_cuda():
+    """The defaults are plain fp32 AdamW on a CPU only: on CUDA, amp=None autocasts (train.autocast)."""
+    import re
+    import labkit.train as module
+    plain = re.search(r"[^.]*plain AdamW[^.]*\.", " ".join(module.__doc__.split())).group()
+    assert "CUDA" in plain and "amp=False" in plain, plain
+    doc = " ".join(train.__doc__.split())
+    assert "amp=None" in doc and "CUDA" in doc, "train's docstring does not say what amp=None does"
+
+
 def test_resume_into_a_model_that_trains_more_is_refused_before_anything_changes(tmp_path):
     ckpt = tmp_path / "run.pt"
     train(lora_model(), stream(), steps=1, checkpoint=ckpt, progress=False)
