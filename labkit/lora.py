@@ -364,7 +364,7 @@ def _check_peft_options(folder, c):
     init = c.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init == "gaussian"):
         raise ValueError(f"{folder} was made with init_lora_weights={init!r}; labkit loads adapters made with "
-                         f"True, False or 'gaussian' only, whose base is the unchanged model (PiSSA, OLoRA, LoftQ, "
+                         "True, False or 'gaussian' only, whose base is the unchanged model (PiSSA, OLoRA, LoftQ, "
                          "CorDA change W0). Load it with peft, or save it again with peft's save_pretrained(..., "
                          "path_initial_model_for_weight_conversion=...), which turns it into a plain LoRA adapter")
 
