@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import labkit as lk
+from conftest import require
 
 
 def make(r=4, alpha=8, **kw):
@@ -144,7 +145,7 @@ def test_reset_without_an_argument_uses_the_layers_own_init(init):
 def bnb_layers():
     """bitsandbytes' two quantized layers, as they are on a CPU after their first use: Linear8bitLt
     quantizes its weight to int8 on its first forward pass, Linear4bit packs it to NF4 on .to()."""
-    import bitsandbytes as bnb
+    bnb = require("bitsandbytes")
     torch.manual_seed(0)
     int8 = bnb.nn.Linear8bitLt(32, 24, has_fp16_weights=False)
     int8(torch.randn(2, 32))
