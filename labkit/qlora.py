@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import count_parameters, find_targets, inject_lora, replace_module
-from .quant import QuantState4, dequantize_nf4, nf4_bits, nf4_codebook, quantize_nf4
+from .quant import QuantState4, dequantize_nf4, nf4_bits, quantize_nf4
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -53,11 +53,13 @@ class LinearNF4(nn.Module):
         self.register_buffer("absmax", s.absmax)                  # per block: fp32, or uint8 with DQ
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(name, getattr(s, name))          # None without double quantization
+        # the 16 NF4 values, kept on the layer's device (not saved: nf4_codebook() rebuilds them), so
+        # that a forward pass on a GPU reads nothing back from the host
+        self.register_buffer("code", s.code, persistent=False)
 
     def quant_state(self):
         return QuantState4(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
-                           nf4_codebook().to(self.packed.device), self.absmax, self.offset, self.absmax2,
-                           None if self.code2 is None else self.code2.to(self.packed.device))
+                           self.code, self.absmax, self.offset, self.absmax2, self.code2, code_name="nf4")
 
     @property
     def weight(self):

@@ -6,6 +6,7 @@
 Every step matches bitsandbytes (`quantize_4bit(..., quant_type="nf4")`) byte for byte; the tests
 in tests/test_quant.py check the packed bytes, the absmax values and the dequantized tensors.
 """
+import collections
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,8 +68,6 @@ def _check_tensor(w, blocksize):
         raise ValueError("cannot quantize an empty tensor")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
-    if not torch.isfinite(w).all():
-        raise ValueError("the tensor holds NaN or inf values: absmax scaling would spread them over a whole block")
 
 
 def block_absmax(flat, blocksize):
@@ -110,7 +109,7 @@ def unpack_nibbles(packed):
 
 def code_values(packed, code):
     """Each stored weight's value in [-1, 1]: its index looked up in the codebook. This is the
-    whole decode; dequantize_nf4 calls _code_values_fast, which gives the same tensor faster."""
+    whole decode; dequantize_plain uses it, and dequantize_nf4 gets the same values faster."""
     return code[unpack_nibbles(packed).long()]
 
 
@@ -172,6 +171,7 @@ class QuantState4:
     absmax2: Optional[torch.Tensor] = None    # double quantization: absmax of each block of 256 absmax
     code2: Optional[torch.Tensor] = None      # double quantization: the 8-bit dynamic map
     blocksize2: int = 256
+    code_name: Optional[str] = None           # "nf4" for nf4_codebook(): names the decode table, no need to read `code`
 
     @property
     def double_quant(self):
@@ -198,8 +198,11 @@ def quantize_4bit(w, code, blocksize=64, double_quant=False):
     _check_tensor(w, blocksize)
     flat = w.detach().reshape(-1).float()
     code = code.to(flat.device, torch.float32)         # a float64 codebook (numpy's default) is read as float32
-    scaled, absmax = block_absmax(flat, blocksize)
-    packed = pack_nibbles(round_to_code(scaled, code))
+    # pack_nibbles(round_to_code(*block_absmax(flat, blocksize))), computed a chunk at a time so that
+    # each chunk stays in the CPU's cache (tests/test_quant.py holds the two equal, byte for byte)
+    packed, absmax = _quantize_fast(flat, code, blocksize)
+    if not torch.isfinite(absmax).all():               # a block's absmax is NaN or inf exactly when one of its values is
+        raise ValueError("the tensor holds NaN or inf values: absmax scaling would spread them over a whole block")
     state = QuantState4(w.shape, w.dtype, blocksize, code, absmax)
     if double_quant:
         state.offset = absmax.mean()
@@ -210,7 +213,9 @@ def quantize_4bit(w, code, blocksize=64, double_quant=False):
 
 def quantize_nf4(w, blocksize=64, double_quant=False):
     """Quantize `w` to NF4, bitsandbytes' way: returns (packed uint8 of shape ((n+1)//2, 1), state)."""
-    return quantize_4bit(w, nf4_codebook(), blocksize, double_quant)
+    packed, state = quantize_4bit(w, nf4_codebook(), blocksize, double_quant)
+    state.code_name = "nf4"
+    return packed, state
 
 
 def dequantize_nf4(packed, state):
@@ -228,36 +233,117 @@ def dequantize_nf4(packed, state):
     if absmax.numel() != n_blocks:
         raise ValueError(f"this state does not belong to the packed data: {absmax.numel()} absmax values "
                          f"for {n_blocks} blocks of {state.blocksize}")
-    out = _code_values_fast(packed.reshape(-1), state.code)[:n]         # code_values(): in [-1, 1], a new tensor
+    # dequantize_plain's two steps (each index looked up in the codebook, each block times its absmax),
+    # computed a chunk at a time so that each chunk stays in the CPU's cache; tests/test_quant.py holds
+    # the two equal for every byte value
+    out = _dequantize_fast(packed.reshape(-1), state.code, absmax, state.blocksize, n, state.code_name)
+    return out.reshape(state.shape).to(state.dtype)
+
+
+def dequantize_plain(packed, state):
+    """dequantize_nf4, the plain way: each stored index looked up in the codebook, then every value
+    multiplied by its block's absmax."""
+    n = state.n
+    absmax = state.block_absmax()
+    out = code_values(packed, state.code)[:n]                               # in [-1, 1], a new tensor
     full = n - n % state.blocksize
     out[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize, None])  # x its block's absmax
     out[full:].mul_(absmax[-1])                                                     # the short last block
     return out.reshape(state.shape).to(state.dtype)
 
 
-_TABLES = {}
+# --------------------------------------------------------------------------------------------
+# The fast paths behind quantize_4bit and dequantize_nf4 (same results as the plain functions above)
+
+CHUNK = 1 << 15          # values per chunk on a CPU: 128 KiB of float32, which stays in a core's cache
 
 
-def _code_values_fast(flat, code):
-    """code_values(flat, code), faster: bytes are read two at a time, as one 16-bit number, through a
-    table of the 4 values each of the 65,536 pairs of bytes holds (1 MiB, built once per codebook
-    and device). tests/test_quant.py checks it equal to code_values; chapter 5 trains through it."""
-    code = code.float()                               # the table holds float32 values, 4 per row
-    key = (tuple(code.tolist()), str(flat.device))
-    if key not in _TABLES:
-        code16 = torch.cat([code, code.new_zeros(16 - len(code))]).to(flat.device)   # FP4, int4: 15 values
-        b = torch.arange(256, device=flat.device)
-        by_byte = torch.stack([code16[b >> 4], code16[b & 0x0F]], dim=1)           # (256, 2)
-        lo, hi = torch.arange(65536, device=flat.device) % 256, torch.arange(65536, device=flat.device) // 256
-        table = torch.cat([by_byte[lo], by_byte[hi]], dim=1).contiguous()          # (65536, 4): little-endian
-        _TABLES[key] = table.view(torch.complex128).reshape(-1)   # one 16-byte element per row: a faster gather
-    table = _TABLES[key]
+def _chunk_rows(device, n_blocks, blocksize):
+    """Blocks per chunk: on a CPU a few per chunk-of-cache; elsewhere (a GPU) all at once."""
+    return max(1, CHUNK // blocksize) if device.type == "cpu" else max(1, n_blocks)
+
+
+def _quantize_fast(flat, code, blocksize):
+    """(packed, absmax) equal to pack_nibbles(round_to_code(*block_absmax(flat, blocksize))).
+    The values are not clamped to [-1, 1]: a value an ulp beyond 1 lands on the end code either way."""
+    n = flat.numel()
+    full = n - n % blocksize
+    midpoints = (code[:-1] + code[1:]) / 2
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=flat.device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
+    step = _chunk_rows(flat.device, blocks.shape[0], blocksize)
+    for i in range(0, blocks.shape[0], step):
+        b = blocks[i:i + step]
+        a = torch.amax(b.abs(), dim=1, out=absmax[i:i + b.shape[0]])
+        idx = torch.bucketize(b * (1.0 / a.clamp(min=1e-38))[:, None], midpoints, out_int32=True).view(-1, 2)
+        packed[i * blocksize // 2:(i + b.shape[0]) * blocksize // 2] = (idx[:, 0] << 4) | idx[:, 1]
+    if full < n:                                                         # the short last block: the plain way
+        scaled, am = block_absmax(flat[full:], blocksize)
+        packed[full // 2:] = pack_nibbles(round_to_code(scaled, code)).reshape(-1)
+        absmax = torch.cat([absmax, am])
+    return packed.unsqueeze(1), absmax
+
+
+_TABLES = collections.OrderedDict()      # (codebook, device) -> decode table; the few most recent kept
+_MAX_TABLES = 8
+
+
+def _decode_table(code, device, name=None):
+    """The 4 values each of the 65,536 pairs of bytes holds, as one 16-byte element per pair (1 MiB),
+    built once per codebook and device. A named codebook ("nf4") is found by its name, so a layer on
+    a GPU never copies its codebook to the host to look the table up."""
+    key = (name if name is not None else tuple(code.float().cpu().tolist()), str(device))
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        return _TABLES[key]
+    code = code.float().to(device)                    # the table holds float32 values, 4 per row
+    code16 = torch.cat([code, code.new_zeros(16 - len(code))])                     # FP4, int4: 15 values
+    b = torch.arange(256, device=device)
+    by_byte = torch.stack([code16[b >> 4], code16[b & 0x0F]], dim=1)               # (256, 2)
+    lo, hi = torch.arange(65536, device=device) % 256, torch.arange(65536, device=device) // 256
+    table = torch.cat([by_byte[lo], by_byte[hi]], dim=1).contiguous()              # (65536, 4): little-endian
+    _TABLES[key] = table.view(torch.complex128).reshape(-1)       # one 16-byte element per row: a faster gather
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return _TABLES[key]
+
+
+def _pair_index(flat):
+    """Each pair of bytes as one index in 0..65535 (little-endian, as the table is laid out)."""
+    if flat.device.type == "cpu":
+        return flat.view(torch.uint16).to(torch.int32)
+    return flat.view(torch.int16).int() & 0xFFFF          # uint16 arithmetic is not on every accelerator
+
+
+def _code_values_fast(flat, code, name=None):
+    """code_values(flat, code), faster: bytes are read two at a time, as one 16-bit number, through
+    _decode_table. tests/test_quant.py checks it equal to code_values for every byte value."""
+    table = _decode_table(code, flat.device, name)
     even = flat.numel() - flat.numel() % 2
-    pairs = flat[:even].view(torch.int16).int() & 0xFFFF                           # two bytes as one index
-    values = table.index_select(0, pairs).view(torch.float32)
+    values = table.index_select(0, _pair_index(flat[:even])).view(torch.float32)
     if even < flat.numel():                                                          # an odd byte left over
         values = torch.cat([values, table.index_select(0, flat[even:].int()).view(torch.float32)[:2]])
     return values
+
+
+def _dequantize_fast(flat, code, absmax, blocksize, n, name=None):
+    """dequantize_plain's values (float32, flat), a chunk of blocks at a time: two bytes become four
+    values through the decode table, written straight into the output, then scaled in the cache."""
+    table = _decode_table(code, flat.device, name)
+    out = torch.empty(n, dtype=torch.float32, device=flat.device)
+    full = n - n % blocksize
+    blocks = out[:full].view(-1, blocksize)
+    pairs = flat[: full // 2]                                # 2 values a byte, so 4 values per 2 bytes
+    step = _chunk_rows(flat.device, blocks.shape[0], blocksize)
+    for i in range(0, blocks.shape[0], step):
+        rows = blocks[i:i + step]
+        idx = _pair_index(pairs[i * blocksize // 2:(i + rows.shape[0]) * blocksize // 2])
+        torch.index_select(table, 0, idx, out=rows.view(-1).view(torch.complex128))
+        rows.mul_(absmax[i:i + rows.shape[0], None])
+    if full < n:                                              # the short last block
+        out[full:] = _code_values_fast(flat[full // 2:], code, name)[: n - full] * absmax[-1]
+    return out
 
 
 def dequantize_4bit(packed, state):

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 import labkit as lk
+from conftest import require
 
-pytest.importorskip("bitsandbytes")
+require("bitsandbytes")
 TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_REL = 1e-2           # bf16 keeps 8 significant bits: 2^-8 = 0.4% per rounding
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -251,3 +252,35 @@ def test_after_an_evaluation_the_fused_path_passes_no_gradient_back(tmp_path, ke
         model, grads = lora_grads(exact=True)
         assert lk.qlora.bnb_cpu_repacked(model) == []
         assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads)
+
+
+class _NoHostReads:
+    """Inside this block any call that reads a tensor back to the host (.tolist, .item, .cpu,
+    .numpy, bool/int/float of a tensor) raises: on a GPU each one would stall the pipeline."""
+    NAMES = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            def refuse(*args, _n=n, **kwargs):
+                raise AssertionError(f"Tensor.{_n} called: a host synchronisation on an accelerator")
+            setattr(torch.Tensor, n, refuse)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_linear_nf4_forward_and_backward_read_nothing_back_to_the_host(double_quant):
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(lk.LinearNF4(nn.Linear(128, 64), double_quant=double_quant), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(3, 128, requires_grad=True)
+    with _NoHostReads():
+        y = layer(x)
+        y.pow(2).sum().backward()
+    assert x.grad is not None and layer.lora_A.grad is not None
+    with pytest.raises(AssertionError, match="host synchronisation"):      # the guard itself bites
+        with _NoHostReads():
+            y.sum().item()

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from labkit import quant as q
+from conftest import require
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
+bnbF = require("bitsandbytes.functional")
 
 # The table bitsandbytes.functional.get_4bit_type("nf4") holds (chapter 4 matches it): a pin on both sides.
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -222,3 +223,65 @@ def test_a_float64_codebook_is_read_as_float32_and_spoils_nothing():
 def test_unpack_inverts_pack():
     idx = torch.randint(0, 16, (1001,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(q.unpack_nibbles(q.pack_nibbles(idx))[:1001], idx.to(torch.uint8))
+
+
+# The fast paths behind quantize_4bit and dequantize_nf4 (chunked, for the CPU's cache) against the
+# plain functions chapter 4 shows: equal exactly, on shapes that leave a short last block, an odd
+# byte, fewer values than one block, several chunks, and values placed exactly on the midpoints
+# between codes (where a tie must go to the lower code).
+FAST_SHAPES = [(5,), (63,), (64,), (65,), (7, 33), (3, 5, 64), (257, 129), (q.CHUNK // 64 * 3 + 1, 64)]
+
+
+def _plain_quantize(w, code, blocksize):
+    scaled, absmax = q.block_absmax(w.reshape(-1).float(), blocksize)
+    return q.pack_nibbles(q.round_to_code(scaled, code)), absmax
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_fast_quantize_equals_the_plain_steps(shape, blocksize):
+    w = weights(shape, seed=blocksize)
+    for code in (q.nf4_codebook(), q.fp4_codebook(), q.int4_codebook(), q.nf4_codebook_paper()):
+        flat = w.reshape(-1).clone()
+        mids = (code[:-1] + code[1:]) / 2                      # ties: values exactly on the thresholds,
+        k = min(len(mids), flat.numel() - 1)                   # in a first block whose absmax is 1
+        flat[0], flat[1:1 + k] = 1.0, mids[:k]
+        packed, absmax = q._quantize_fast(flat, code, blocksize)
+        p_ref, a_ref = _plain_quantize(flat, code, blocksize)
+        assert torch.equal(absmax, a_ref)
+        assert torch.equal(packed, p_ref), f"first differing byte: {(packed != p_ref).nonzero()[0].tolist()}"
+
+
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fast_dequantize_equals_the_plain_one_for_every_byte(shape, double_quant):
+    w = weights(shape, seed=7)
+    packed, state = q.quantize_nf4(w, 32, double_quant=double_quant)
+    n = packed.numel()
+    packed = packed.clone()
+    packed.view(-1)[: min(n, 256)] = torch.arange(256, dtype=torch.uint8)[: min(n, 256)]   # every byte value
+    assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
+    for code in (q.fp4_codebook(), q.int4_codebook()):                 # codebooks with 15 values
+        p, s = q.quantize_4bit(w, code, 32, double_quant=double_quant)
+        assert torch.equal(q.dequantize_4bit(p, s), q.dequantize_plain(p, s))
+
+
+def test_quantize_still_refuses_nan_and_inf_in_any_block():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 100, 4999):                                  # a full block, another, the short last one
+            w = weights((5000,))
+            w[where] = bad
+            with pytest.raises(ValueError, match="NaN or inf"):
+                q.quantize_nf4(w)
+
+
+def test_decode_tables_are_few_and_named_codebooks_need_no_host_read():
+    q._TABLES.clear()
+    for k in range(3 * q._MAX_TABLES):                               # many different codebooks
+        code = q.int4_codebook() * (1 + k / 100)
+        q._code_values_fast(torch.arange(256, dtype=torch.uint8), code)
+    assert len(q._TABLES) == q._MAX_TABLES
+    packed, state = q.quantize_nf4(weights((64, 64)))
+    assert state.code_name == "nf4"
+    q.dequantize_nf4(packed, state)
+    assert ("nf4", "cpu") in q._TABLES
