@@ -15,7 +15,8 @@ adapter weights against each other. A toy Llama (random weights) keeps it to sec
 fully_shard (FSDP2: each process keeps 1/N of every weight, gathers a layer whole only while it
 computes, and reduce-scatters the gradients). The script calls fully_shard itself, because
 accelerate 1.15 runs its FSDP plugin on GPUs only: on a CPU, `accelerate launch --use_fsdp` falls
-back to DDP. The losses file records the bytes of weights each process holds.
+back to DDP. The losses file records the bytes of weights each process holds. Either way the
+adapter is saved with lk.save_adapter, so lk.load_adapter loads it.
 """
 import argparse
 import json
@@ -31,6 +32,13 @@ def global_batch(step, size, seq, vocab):
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, vocab, (size, seq), generator=g)
     return {"input_ids": ids, "labels": ids}
+
+
+def build(name):
+    """The model with LoRA on q, k, v and o, with the same A in every process."""
+    model = lk.tiny_llama(seed=0) if name == "tiny" else lk.load_model(name)[0]
+    torch.manual_seed(0)
+    return lk.inject_lora(model, lk.lora.QKVO, r=4, alpha=8)
 
 
 def main():
@@ -51,9 +59,10 @@ def main():
     world, rank = acc.num_processes, acc.process_index
     if args.batch % world:
         raise SystemExit(f"a global batch of {args.batch} does not split evenly over {world} processes")
-    model = lk.tiny_llama(seed=0) if args.model == "tiny" else lk.load_model(args.model)[0]
-    torch.manual_seed(0)                                      # the same A in every process
-    lk.inject_lora(model, lk.lora.QKVO, r=4, alpha=8)
+    # On a fresh cache, lk.load_model converts the weights into it: the main process does that first,
+    # then the others read its files (instead of every process writing the same files at once).
+    with acc.main_process_first():
+        model = build(args.model)
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     sharded = args.fsdp and world > 1
     if sharded:                                               # before the optimizer: it must see the shards
@@ -76,19 +85,20 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(acc.reduce(loss.detach(), reduction="mean").item())
-    if sharded:                                                # every process takes part in the gathering
-        from safetensors.torch import save_file
-        adapter = {k: v.full_tensor().contiguous() for k, v in model.state_dict().items()
-                   if k.endswith((".lora_A", ".lora_B"))}
+    if sharded:                           # every process takes part in gathering each A and B whole
+        adapter = {k: v.full_tensor() for k, v in lk.lora_state_dict(model).items()}
     if acc.is_main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "losses.json").write_text(json.dumps({"processes": world, "losses": losses, "sharded": sharded,
                                                           "held_bytes": held_bytes, "full_bytes": full_bytes}))
-        if sharded:
-            save_file(adapter, str(args.out / "adapter.safetensors"))
+        if sharded:       # the whole A and B into an unsharded twin (smollm2: loaded once more, here only)
+            trained = build(args.model)
+            trained.load_state_dict(adapter, strict=False)
         else:
-            lk.save_adapter(acc.unwrap_model(model), args.out / "adapter.safetensors")
+            trained = acc.unwrap_model(model)
+        lk.save_adapter(trained, args.out / "adapter.safetensors")
     acc.wait_for_everyone()
+    acc.end_training()                    # destroys the process group
 
 
 def local(p):
