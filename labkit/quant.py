@@ -316,9 +316,17 @@ def _pair_index(flat):
     return flat.view(torch.int16).int() & 0xFFFF          # uint16 arithmetic is not on every accelerator
 
 
+def _table_fits(device):
+    """Whether `device` has the 16-byte complex128 elements the decode table is gathered as
+    (Apple's MPS has no float64 or complex128: there the plain decode runs)."""
+    return device.type != "mps"
+
+
 def _code_values_fast(flat, code, name=None):
     """code_values(flat, code), faster: bytes are read two at a time, as one 16-bit number, through
     _decode_table. tests/test_quant.py checks it equal to code_values for every byte value."""
+    if not _table_fits(flat.device):
+        return code_values(flat, code.float().to(flat.device))
     table = _decode_table(code, flat.device, name)
     even = flat.numel() - flat.numel() % 2
     values = table.index_select(0, _pair_index(flat[:even])).view(torch.float32)
@@ -330,9 +338,14 @@ def _code_values_fast(flat, code, name=None):
 def _dequantize_fast(flat, code, absmax, blocksize, n, name=None):
     """dequantize_plain's values (float32, flat), a chunk of blocks at a time: two bytes become four
     values through the decode table, written straight into the output, then scaled in the cache."""
-    table = _decode_table(code, flat.device, name)
     out = torch.empty(n, dtype=torch.float32, device=flat.device)
     full = n - n % blocksize
+    if not _table_fits(flat.device):                          # the plain decode, on the device
+        out.copy_(code_values(flat, code.float().to(flat.device))[:n])
+        out[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+        out[full:].mul_(absmax[-1])
+        return out
+    table = _decode_table(code, flat.device, name)
     blocks = out[:full].view(-1, blocksize)
     pairs = flat[: full // 2]                                # 2 values a byte, so 4 values per 2 bytes
     step = _chunk_rows(flat.device, blocks.shape[0], blocksize)

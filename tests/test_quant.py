@@ -285,3 +285,16 @@ def test_decode_tables_are_few_and_named_codebooks_need_no_host_read():
     assert state.code_name == "nf4"
     q.dequantize_nf4(packed, state)
     assert ("nf4", "cpu") in q._TABLES
+
+
+def test_devices_without_complex128_take_the_plain_decode(monkeypatch):
+    """On Apple's MPS (no float64, no complex128) the table cannot be gathered; the plain decode
+    runs instead, with the same result. Stood in for on the CPU by saying it has no complex128."""
+    w = weights((7, 33))
+    packed, state = q.quantize_nf4(w, 32, double_quant=True)
+    expected = q.dequantize_nf4(packed, state)
+    q._TABLES.clear()
+    monkeypatch.setattr(q, "_table_fits", lambda device: False)
+    assert torch.equal(q.dequantize_nf4(packed, state), expected)
+    assert torch.equal(q._code_values_fast(packed.reshape(-1), state.code), q.code_values(packed, state.code))
+    assert not q._TABLES                                     # no table was built
