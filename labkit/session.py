@@ -73,8 +73,45 @@ def amp_dtype(device):
     return torch.bfloat16
 
 
+def synchronize(device):
+    """Wait until every kernel queued on `device` has run, so that a clock read next counts them.
+    CUDA and Apple's MPS run kernels asynchronously (a call returns before its kernel has run);
+    on a CPU an operation is done when its call returns, and there is nothing to wait for. Time
+    with it on both sides: synchronize(device); t0 = time.perf_counter(); ...; synchronize(device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def has_float64(device):
+    """Whether `device` computes in float64 (and complex128): Apple's MPS has neither."""
+    return torch.device(device).type != "mps"
+
+
+_DEVICES = ("cpu", "cuda", "mps")
+
+
+def pick_device():
+    """The device the chapters run on: LABKIT_DEVICE if set (cpu, cuda or mps), else cuda where
+    there is a GPU, else the CPU. Apple's MPS is only ever used when asked for (LABKIT_DEVICE=mps):
+    the saved outputs are the CPU's, and no chapter has run on MPS (README, Hardware notes)."""
+    asked = os.environ.get("LABKIT_DEVICE", "").strip().lower()
+    if not asked:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if asked not in _DEVICES:
+        raise ValueError(f"LABKIT_DEVICE must be one of {', '.join(_DEVICES)}, got {asked!r}")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}[asked]
+    if not available:
+        raise RuntimeError(f"LABKIT_DEVICE={asked}, but this torch {torch.__version__} sees no {asked} device "
+                           "on this machine: unset LABKIT_DEVICE to run on the CPU")
+    return torch.device(asked)
+
+
 def setup(seed=0, show=True):
-    """Seed everything, pick the device and model; returns (device, model name).
+    """Seed everything, pick the device (pick_device) and the model; returns (device, model name).
 
     What it prints (versions, device, threads, CPU kind) differs from machine to machine: the
     chapters keep this cell's output out of nbval's strict comparison."""
@@ -86,13 +123,15 @@ def setup(seed=0, show=True):
         np.random.seed(seed)
     except ImportError:
         pass
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     model = os.environ.get("LABKIT_MODEL", DEFAULT_MODEL)
     if show:
         import peft
         import transformers
         if device.type == "cuda":
             where = f"cuda ({torch.cuda.get_device_name()}, mixed precision in {amp_dtype(device)})"
+        elif device.type == "mps":
+            where = "mps (Apple's GPU, asked for with LABKIT_DEVICE; untested: README, Hardware notes)"
         else:
             where = f"cpu, {torch.get_num_threads()} threads, AVX512-BF16: {'yes' if cpu_has_avx512_bf16() else 'no'}"
         print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
