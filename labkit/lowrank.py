@@ -6,6 +6,14 @@ closest to W, and its error is the energy of the dropped singular values:
 """
 import torch
 
+from .session import has_float64
+
+
+def _float64(W):
+    """W, detached, in float64; moved to the CPU first where its device has no float64 (Apple's MPS)."""
+    W = W.detach()
+    return (W if has_float64(W.device) else W.cpu()).double()
+
 
 def _check_rank(W, r):
     if W.dim() != 2:
@@ -16,17 +24,19 @@ def _check_rank(W, r):
 
 
 def singular_values(W):
-    """Singular values of W, largest first, computed in float64."""
+    """Singular values of W, largest first, computed in float64 (on the CPU for a W on a device
+    without float64, Apple's MPS: the values are then on the CPU)."""
     if W.dim() != 2:
         raise ValueError(f"expected a matrix (2-D tensor), got shape {tuple(W.shape)}")
-    return torch.linalg.svdvals(W.detach().double())
+    return torch.linalg.svdvals(_float64(W))
 
 
 def low_rank_approx(W, r):
-    """The best rank-r approximation of W (truncated SVD), in W's dtype."""
+    """The best rank-r approximation of W (truncated SVD, computed in float64: on the CPU for a W
+    on a device without it), in W's dtype, on W's device."""
     _check_rank(W, r)
-    U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
-    return ((U[:, :r] * S[:r]) @ Vh[:r]).to(W.dtype)          # (d, r) diag(r) (r, k) -> (d, k)
+    U, S, Vh = torch.linalg.svd(_float64(W), full_matrices=False)
+    return ((U[:, :r] * S[:r]) @ Vh[:r]).to(W.device, W.dtype)      # (d, r) diag(r) (r, k) -> (d, k)
 
 
 def eckart_young_error(S, r):

@@ -47,3 +47,31 @@ def test_bad_rank(r):
 def test_not_a_matrix():
     with pytest.raises(ValueError, match="2-D"):
         lr.singular_values(torch.randn(3, 4, 5))
+
+
+class _NoFloat64(torch.Tensor):
+    """A CPU tensor standing in for one on Apple's MPS, which has no float64: .double() raises as
+    MPS does, .cpu() gives an ordinary tensor."""
+
+    def double(self):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+
+    def cpu(self):
+        return torch.Tensor.cpu(self).as_subclass(torch.Tensor)
+
+
+def test_a_device_without_float64_computes_on_the_cpu_in_float64(monkeypatch):
+    """On MPS (no float64) the SVD runs in float64 on the CPU: the same values as on the CPU, and the
+    approximation comes back in W's dtype."""
+    import labkit as lk
+    assert not lk.session.has_float64("mps") and lk.session.has_float64("cpu") and lk.session.has_float64("cuda")
+    monkeypatch.setattr(lr, "has_float64", lambda device: False)
+    W = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
+    fake = W.clone().as_subclass(_NoFloat64)
+    S = lr.singular_values(fake)
+    assert S.dtype == torch.float64 and torch.equal(S, torch.linalg.svdvals(W.double()))
+    Wr = lr.low_rank_approx(fake, 3)
+    assert Wr.dtype == torch.float32 and Wr.device == W.device
+    assert torch.equal(Wr, lr.low_rank_approx(W, 3))
+    sim = lk.lab.subspace_similarity(fake[:4], fake[4:8])            # chapter 7's SVD: on the CPU already
+    assert torch.equal(sim, lk.lab.subspace_similarity(W[:4], W[4:8]))
