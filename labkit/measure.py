@@ -4,18 +4,34 @@ Two measurements: tracked_peak accounts for every tensor with PyTorch's MemTrack
 it (weights, gradients, optimizer, activations), repeatably; peak_memory reads the process's
 resident memory on a CPU (Linux /proc, sampled every half millisecond), or
 torch.cuda.max_memory_allocated on CUDA. count_saved_tensors counts what autograd keeps for backward.
+
+Off Linux (macOS) there is no /proc: peak_memory and held_memory on a CPU say so, and tracked_peak
+(tensor accounting, any system and device) measures instead. Apple's MPS keeps no peak statistic
+as CUDA does: there too, tracked_peak.
 """
 import ctypes
+import inspect
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
 import torch
 
+from .session import synchronize
+
+_STATM = "/proc/self/statm"          # Linux's count of the process's pages: size, resident, ...
+
 
 def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+    try:
+        with open(_STATM) as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        raise RuntimeError(
+            f"peak_memory and held_memory read a CPU process's resident memory from Linux's /proc ({_STATM}), "
+            f"which this system ({sys.platform}) does not have: use lk.measure.tracked_peak(fn, model, optimizer) "
+            "instead (PyTorch's MemTracker counts every tensor, on any system), or a Linux machine or Colab") from None
 
 
 try:
@@ -34,24 +50,28 @@ def _trim():
 
 
 def held_memory():
-    """Bytes this process holds now (resident memory, after giving freed heap back to the OS)."""
+    """Bytes this process holds now (resident memory, after giving freed heap back to the OS; Linux only)."""
     _trim()
     return _rss()
 
 
 def peak_memory(fn, device="cpu"):
-    """Run fn(); return (its result, peak extra memory in bytes above the memory in use before)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Run fn(); return (its result, peak extra memory in bytes above the memory in use before): on a
+    CPU the process's resident memory (Linux only), on CUDA the allocator's. Elsewhere (macOS, MPS)
+    it raises, naming tracked_peak, which measures there."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         result = fn()
-        torch.cuda.synchronize()
+        synchronize(device)
         return result, torch.cuda.max_memory_allocated() - before
-    try:
-        _rss()
-    except OSError:
-        raise RuntimeError("measuring CPU memory needs Linux's /proc (use a Linux machine or Colab)") from None
+    if kind != "cpu":
+        raise RuntimeError(f"peak_memory measures on a CPU or CUDA; torch keeps no peak-memory statistic for "
+                           f"{kind}: use lk.measure.tracked_peak(fn, model, optimizer) (PyTorch's MemTracker counts "
+                           "every tensor on any device)")
+    _rss()                                   # off Linux: the error that says what to use instead
     _trim()
     before = peak = _rss()
     done = threading.Event()
@@ -101,12 +121,42 @@ _CATEGORIES = {"PARAM": "weights", "GRAD": "gradients", "OPT": "optimizer", "ACT
                "TEMP": "temporaries", "BUFFER": "buffers", "OTH": "other"}
 
 
+# MemTracker is not public API (torch.distributed._tools, since torch 2.5): labkit overrides one of
+# its methods and uses these private parts, which _mem_tracker checks this torch has.
+_PRIVATE_METHODS = ("_track_module_params_and_buffers", "_update_and_maybe_create_winfos")
+_PRIVATE_FIELDS = ("_param_to_grad_hook_handles",)
+
+
+def _missing(what):
+    return RuntimeError(
+        f"lk.measure.tracked_peak builds on private parts of PyTorch's MemTracker "
+        f"(torch.distributed._tools.mem_tracker), and this torch {torch.__version__} lacks {what}: they were "
+        "checked with torch 2.13 (the version scripts/workbook.sh installs). Install that, or measure with "
+        "lk.measure.peak_memory (the process's memory on Linux, or CUDA's allocator) instead")
+
+
 def _mem_tracker():
     """torch's MemTracker, taught to leave frozen parameters alone: as shipped it installs a
     gradient hook on every parameter of every module it enters, which raises for parameters that
     do not require grad, i.e. for every LoRA or QLoRA model."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    except ImportError as e:
+        raise _missing(f"the module itself ({e})") from None
+    absent = [f"MemTracker.{name}" for name in _PRIVATE_METHODS if not hasattr(MemTracker, name)]
+    track = getattr(MemTracker, "_track_module_params_and_buffers", None)
+    if track is not None and "install_grad_hooks" not in inspect.signature(track).parameters:
+        absent.append("the install_grad_hooks argument of MemTracker._track_module_params_and_buffers")
+    if not hasattr(_MemRefType, "GRAD"):
+        absent.append("_MemRefType.GRAD")
+    tracker = _frozen_aware(MemTracker, _MemRefType)()
+    absent += [f"MemTracker().{name}" for name in _PRIVATE_FIELDS if not hasattr(tracker, name)]
+    if absent:
+        raise _missing(", ".join(absent))
+    return tracker
 
+
+def _frozen_aware(MemTracker, _MemRefType):
     class FrozenAwareMemTracker(MemTracker):
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -121,7 +171,7 @@ def _mem_tracker():
                             p.register_post_accumulate_grad_hook(lambda q: hook(q.grad)))
             return out
 
-    return FrozenAwareMemTracker()
+    return FrozenAwareMemTracker
 
 
 def tracked_peak(fn, *tracked):

@@ -1,5 +1,7 @@
 """Data loading with its checks, the prompt masking of the collator, and the memory helpers."""
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -135,9 +137,71 @@ def test_count_saved_tensors_counts_activations_not_weights():
     assert saved["bytes"] == 2 * 32 * 256 * 4
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason=f"peak_memory reads Linux's /proc, which {sys.platform} lacks (tracked_peak measures there)")
 def test_peak_memory_sees_a_large_allocation():
     _, peak = memory.peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum() + torch.ones(64 * 2**20 // 4).sum())
     assert peak >= 60 * 2**20
+
+
+def test_off_linux_the_cpu_measurements_name_what_measures_there(monkeypatch, tmp_path):
+    """Without /proc (macOS), peak_memory and held_memory say what to use instead: tracked_peak."""
+    monkeypatch.setattr(lk.measure, "_STATM", str(tmp_path / "no-proc" / "statm"))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    for measure in (lambda: memory.peak_memory(lambda: None), memory.held_memory):
+        with pytest.raises(RuntimeError, match=r"Linux's /proc .* \(darwin\) does not have: use lk\.measure\.tracked_peak"):
+            measure()
+    _, peak = memory.tracked_peak(lambda: torch.ones(1000).sum(), torch.nn.Linear(2, 2))    # which measures there
+    assert peak["total"] > 0
+
+
+def test_peak_memory_on_mps_names_tracked_peak():
+    """torch keeps no peak-memory statistic for Apple's MPS: peak_memory says so instead of reading the CPU's."""
+    with pytest.raises(RuntimeError, match=r"no peak-memory statistic for mps: use lk\.measure\.tracked_peak"):
+        memory.peak_memory(lambda: None, device="mps")
+
+
+def test_peak_memory_on_cuda_synchronizes_through_the_one_helper(monkeypatch):
+    """The CUDA path waits for the device before and after, through lk.session.synchronize (faked here)."""
+    calls = []
+    monkeypatch.setattr(lk.measure, "synchronize", lambda device: calls.append(str(device)))
+    allocated = iter([100, 100])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: next(allocated))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 164)
+    assert memory.peak_memory(lambda: calls.append("fn") or "done", device="cuda") == ("done", 64)
+    assert calls == ["cuda", "reset", "fn", "cuda"]
+
+
+@pytest.mark.parametrize("remove", ["_update_and_maybe_create_winfos", "_track_module_params_and_buffers",
+                                    "_param_to_grad_hook_handles", "module"])
+def test_tracked_peak_names_the_private_parts_of_memtracker_a_torch_lacks(monkeypatch, remove):
+    """MemTracker is not public API: where a torch lacks a part labkit uses, the error names it."""
+    from torch.distributed._tools import mem_tracker
+    if remove == "module":
+        monkeypatch.setitem(sys.modules, "torch.distributed._tools.mem_tracker", None)
+        missing = "the module itself"
+    elif remove == "_param_to_grad_hook_handles":                  # a field __init__ sets
+        init = mem_tracker.MemTracker.__init__
+
+        def without(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            del self._param_to_grad_hook_handles
+
+        monkeypatch.setattr(mem_tracker.MemTracker, "__init__", without)
+        missing = "MemTracker()._param_to_grad_hook_handles"
+    else:
+        monkeypatch.delattr(mem_tracker.MemTracker, remove)
+        missing = f"MemTracker.{remove}"
+    with pytest.raises(RuntimeError, match=rf"private parts of PyTorch's MemTracker .* lacks {re.escape(missing)}"):
+        memory.tracked_peak(lambda: None, torch.nn.Linear(2, 2))
+
+
+def test_tracked_peak_refuses_a_memtracker_without_the_install_grad_hooks_argument(monkeypatch):
+    from torch.distributed._tools import mem_tracker
+    monkeypatch.setattr(mem_tracker.MemTracker, "_track_module_params_and_buffers", lambda self, module: (0, 0))
+    with pytest.raises(RuntimeError, match="lacks the install_grad_hooks argument"):
+        memory.tracked_peak(lambda: None)
 
 
 def test_tracked_peak_labels_weights_gradients_and_optimizer():
