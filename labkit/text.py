@@ -1,5 +1,6 @@
 """Chat formatting, tokenization with the prompt masked out of the loss, batching, and greedy generation."""
 import random
+from contextlib import contextmanager
 
 import torch
 
@@ -59,6 +60,22 @@ def _batches(encoded, batch_size, seed, pad_id):
             yield collate([encoded[j] for j in order[i:i + batch_size]], pad_id)
 
 
+@contextmanager
+def left_padded(tok):
+    """Within the block, `tok` pads on the left, as batched generation needs (every row's prompt
+    ends at the last position, where the next token is made); its padding side is given back when
+    the block ends, also after an error.
+
+        with left_padded(tok):
+            enc = tok(texts, return_tensors="pt", padding=True)
+    """
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        yield tok
+    finally:
+        tok.padding_side = side
+
+
 def _is_prompt_learning(model):
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
@@ -74,17 +91,14 @@ def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
     if isinstance(model, PromptModel):
         return greedy(model, tok, prompts, max_new_tokens, batch_size)
     device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
     answers = []
-    try:
+    with left_padded(tok):
         for i in range(0, len(prompts), batch_size):
             texts = [chat_prompt(tok, p) for p in prompts[i:i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
             answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
     return [a.strip() for a in answers]
 
 
