@@ -61,7 +61,7 @@ def parameter_groups(model):
             key = "norms"
         elif "embed" in name:
             key = "embeddings"
-        elif any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj", "attention")):
+        elif any(k in name for k in (*QKVO, "attention")):
             key = "attention"
         elif any(k in name for k in ("mlp", "intermediate", "output.dense")):
             key = "mlp"
@@ -92,7 +92,7 @@ def method_bill(n_params, n_trainable, method, n_quantized=None):
     raise ValueError(f"method must be 'full', 'lora' or 'qlora', got {method!r}")
 
 
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_LINEARS = (*QKVO, "gate_proj", "up_proj", "down_proj")      # every linear layer of a decoder layer
 
 
 def activation_bytes(config, batch, seq, method="full", targets=QKVO, r=8,

@@ -77,7 +77,7 @@ def projection_weight(model, layer, projection):
     n = model.config.num_hidden_layers
     if not 0 <= layer < n:
         raise ValueError(f"layer must be in [0, {n - 1}], got {layer}")
-    part = "self_attn" if projection in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    part = "self_attn" if projection in QKVO else "mlp"
     return model.get_submodule(f"model.layers.{layer}.{part}.{projection}").weight.detach()
 
 
