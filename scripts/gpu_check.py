@@ -9,8 +9,11 @@ layers, hidden 576); "7B-shaped" is LLaMA-7B's (32 layers, hidden 4096). On the 
 two layers of width 64, so that the run checks the code, not the numbers.
 
 Each check trains a few steps on one fixed batch (half of each row masked, as a prompt is) and
-passes when the loss is finite and falls; the memory checks print the measured peak beside
-lk.memory's prediction. A check that fails prints its error in the table; the others still run.
+passes when the loss is finite and falls; `generate` must make the same tokens as a reference path;
+the latency and memory checks must stay within the bound each prints beside its figures (the
+judge_* functions below, tested in tests/test_gpu_check.py). Mixed precision is what lk.amp_dtype
+picks: bf16, or fp16 on a GPU without real bf16 (a T4); the first six checks run each of the two
+on purpose. A check that fails prints its error in the table; the others still run.
 """
 import argparse
 import gc
@@ -108,8 +111,13 @@ def bnb_quantize(model, compute_dtype):
 
 def peft_lora(model, r=8):
     from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO, lora_dropout=0.0))
-    if getattr(model, "is_loaded_in_4bit", False):       # peft's bitsandbytes LoRA layer, as from_pretrained gives
+    return peft_4bit_checked(get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QKVO,
+                                                              lora_dropout=0.0)))
+
+
+def peft_4bit_checked(peft_model):
+    """On a 4-bit base, peft must have put its bitsandbytes LoRA layer there, as from_pretrained gives."""
+    if getattr(peft_model.get_base_model(), "is_loaded_in_4bit", False):
         from peft.tuners.lora.bnb import Linear4bit as PeftLoRA4bit
         q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
         assert isinstance(q_proj, PeftLoRA4bit), type(q_proj)
@@ -117,13 +125,57 @@ def peft_lora(model, r=8):
 
 
 def train_steps(model, batch, amp, steps=4, lr=5e-3):
-    losses = lk.train.train(model, iter(lambda: batch, None), steps=steps, lr=lr, amp=amp, progress=False)
-    ok = all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-    return ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps"
+    return judge_losses(lk.train.train(model, iter(lambda: batch, None), steps=steps, lr=lr, amp=amp,
+                                       progress=False))
 
 
 def amp_name(dtype):
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The judges: each returns (ok, detail), and the detail states the bound it was judged against.
+
+LATENCY_BOUND = 2.0       # an adapter per token at most 2x the base model (toy size on a busy CPU: 1.1 to 1.55 x)
+PEAK_TOLERANCE = 0.15     # lk.memory.predict_peak against the measured peak (0.997 at toy size on a CPU)
+
+
+def judge_losses(losses):
+    ok = len(losses) > 1 and all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    return ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps (bound: finite, last < first)"
+
+
+def judge_tokens(outs, reference):
+    """outs: {path: generated ids}; every path must make the reference path's tokens."""
+    want = outs[reference]
+    differ = [name for name, ids in outs.items() if ids.shape != want.shape or not torch.equal(ids, want)]
+    detail = (f"{want.shape[-1]} tokens; " + (f"differ from {reference}: {', '.join(differ)}" if differ
+                                              else f"all {len(outs)} paths equal") + f" (bound: the same tokens as {reference})")
+    return not differ, detail
+
+
+def judge_latency(ms, bound):
+    """ms: {"base": ms per token, adapter: ms per token, ...}; each adapter within `bound` x base."""
+    ratios = {k: v / ms["base"] for k, v in ms.items()}
+    ok = all(math.isfinite(v) and v > 0 for v in ms.values()) and all(r <= bound for r in ratios.values())
+    return ok, (", ".join(f"{k} {v:.2f} ms ({ratios[k]:.2f} x base)" for k, v in ms.items())
+                + f" (bound: each <= {bound:.1f} x base)")
+
+
+def judge_ratio(measured, predicted, tolerance=PEAK_TOLERANCE):
+    ratio = predicted / measured
+    return abs(ratio - 1) < tolerance, (f"measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB, "
+                                        f"ratio {ratio:.3f} (bound: within {tolerance:.0%})")
+
+
+def judge_between(measured, low, high, what):
+    """A measurement that no prediction models exactly, between a floor and a ceiling it must respect."""
+    return low <= measured <= high, (f"measured {size(measured)} (bound: between {what[0]}, {size(low)}, "
+                                     f"and {what[1]}, {size(high)})")
+
+
+def size(n_bytes):
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.2f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,73 +200,73 @@ for dtype in (torch.bfloat16, torch.float16):
         return train_steps(model, ctx.batch, amp_name(dtype))
 
 
-@check("paged AdamW (bitsandbytes, 32-bit and 8-bit states), bf16 autocast")
+@check("paged AdamW (bitsandbytes, 32-bit and 8-bit states), mixed precision")
 def _(ctx):
     import bitsandbytes as bnb
     details, ok = [], True
     for opt_cls in (bnb.optim.PagedAdamW32bit, bnb.optim.PagedAdamW8bit):
         model = perturb(lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16)).train()
         opt = opt_cls([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        context, scaler = lk.train.autocast(ctx.device, amp_name(ctx.amp))
         losses = []
         for _ in range(4):
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+            with context:
                 loss = model(**ctx.batch).loss
-            loss.backward()
-            opt.step()
+            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.step(opt) if scaler else opt.step()          # fp16 (a T4): a scaler, as train() uses
+            if scaler:
+                scaler.update()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        ok &= losses[-1] < losses[0]
-        details.append(f"{opt_cls.__name__} {losses[0]:.3f} -> {losses[-1]:.3f}")
+        trained, detail = judge_losses(losses)
+        ok &= trained
+        details.append(f"{opt_cls.__name__} {amp_name(ctx.amp)}: {detail}")
     return ok, "; ".join(details)
 
 
-@check("generate: labkit LoRA unmerged = merged; labkit QLoRA; bitsandbytes + peft")
+@check("generate: labkit LoRA merged = unmerged; labkit QLoRA = bitsandbytes + peft QLoRA (same NF4 weights, same A and B)")
 def _(ctx):
+    """Greedy tokens of two pairs of paths that compute the same function, in fp32 so that they agree
+    to rounding: a LoRA model before and after merging; labkit's QLoRA and bitsandbytes + peft's on
+    the same random weights (labkit's NF4 bytes are bitsandbytes', test_quant.py) with the same A, B."""
     prompt = ctx.batch["input_ids"][:1, :8]
+    greedy = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)   # 12 even if EOS comes
+    new_tokens = lambda model: model.generate(input_ids=prompt, **greedy)[:, prompt.shape[1]:]
     model = perturb(lk.inject_lora(random_model(ctx), QKVO, r=8, alpha=16))
-    with torch.no_grad():
-        unmerged = model(input_ids=prompt).logits
-        lk.merge_lora(model)
-        merged = model(input_ids=prompt).logits
-    greedy = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)   # 12 tokens even if EOS comes
-    outs = [model.generate(input_ids=prompt, **greedy)]
-    outs.append(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16).generate(input_ids=prompt, **greedy))
-    outs.append(peft_lora(bnb_quantize(random_model(ctx), torch.bfloat16)).generate(input_ids=prompt, **greedy))
-    diff = (merged - unmerged).abs().max().item()
-    ok = diff < 1e-3 and all(o.shape == (1, 20) for o in outs)
-    return ok, f"12 new tokens each; merged vs unmerged logits differ by {diff:.1e}"
+    unmerged = new_tokens(model)
+    lora = judge_tokens({"unmerged": unmerged, "merged": new_tokens(lk.merge_lora(model))}, "unmerged")
+    ours = perturb(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16))
+    theirs = peft_4bit_checked(lk.to_peft(ours, bnb_quantize(random_model(ctx), torch.float32)))
+    qlora = judge_tokens({"labkit QLoRA": new_tokens(ours), "bitsandbytes + peft": new_tokens(theirs)},
+                         "bitsandbytes + peft")
+    return lora[0] and qlora[0], f"LoRA: {lora[1]}; QLoRA: {qlora[1]}"
 
 
-@check("labkit prompt methods (prompt tuning, prefix tuning, P-Tuning v2): bf16 autocast training; on a bf16 model, the decoder's first step = re-reading")
+@check("labkit prompt methods (prompt tuning, prefix tuning, P-Tuning v2): mixed-precision training; on a model in that dtype, the decoder's first step = re-reading")
 def _(ctx):
     details, ok = [], True
+    amp = amp_name(ctx.amp)
     for kind in lk.prompts.KINDS:
         torch.manual_seed(0)
         model = lk.prompts.PromptModel(random_model(ctx), kind, 8, init="random")
-        trained, detail = train_steps(model, ctx.batch, "bf16")
-        ok &= trained
-        half = lk.prompts.PromptModel(random_model(ctx, dtype=torch.bfloat16), kind, 8, init="random")
+        trained, detail = train_steps(model, ctx.batch, amp)
+        half = lk.prompts.PromptModel(random_model(ctx, dtype=ctx.amp), kind, 8, init="random")
         prompt = {"input_ids": ctx.batch["input_ids"][:2, :12], "attention_mask": ctx.batch["attention_mask"][:2, :12]}
         with torch.no_grad():
             first, _ = lk.prompts.first_pass(half, prompt)
             again = half(**prompt).logits[:, -1]
         same = (first.logits[:, -1].float() - again.float()).abs().max().item()
-        ok &= first.logits.dtype == torch.bfloat16 and same < 1e-2 * again.float().abs().max().item()
-        details.append(f"{kind}: {detail.replace('loss ', '')}, bf16 first step off by {same:.1e}")
+        ok &= trained and first.logits.dtype == ctx.amp and same < 1e-2 * again.float().abs().max().item()
+        details.append(f"{kind} {amp}: {detail}, first step off by {same:.1e} (bound: 1% of the largest logit)")
     return ok, "; ".join(details)
 
 
-@check("latency per token, batch 1, SmolLM2-shaped: base, serial adapter, parallel adapter (is the parallel branch hidden?)")
-def _(ctx):
-    prompt = ctx.batch["input_ids"][:1, :16]
-    greedy = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    times = {}
-    for name in ("base", "serial_adapter", "parallel_adapter"):
-        model = random_model(ctx)
-        if name != "base":
-            model = lk.finetune.prepare(model, name)
-        best = float("inf")
-        for _ in range(3):
+def best_times(ctx, models, prompt, greedy, rounds=5):
+    """{name: the best time of `rounds` generate() calls}, the models taking turns, so that a busy
+    moment of the machine slows all of them alike."""
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(rounds):
+        for name, model in models.items():
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -222,10 +274,24 @@ def _(ctx):
                 model.generate(input_ids=prompt, **greedy)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        times[name] = 1000 * best / 32
-    ok = all(math.isfinite(t) and t > 0 for t in times.values())
-    return ok, ", ".join(f"{k} {v:.2f} ms ({v / times['base']:.2f} x base)" for k, v in times.items())
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+@check("latency per token, batch 1, SmolLM2-shaped: base, serial adapter, parallel adapter (is the parallel branch hidden?)")
+def _(ctx):
+    prompt = ctx.batch["input_ids"][:1, :16]
+    greedy = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    models = {name: random_model(ctx) if name == "base" else lk.finetune.prepare(random_model(ctx), name)
+              for name in ("base", "serial_adapter", "parallel_adapter")}
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu":     # toy sizes gain nothing from threads, and on a busy CPU two threads wait on
+        torch.set_num_threads(1)     # each other: 5 to 45 ms a token, ratios 0.2 to 5 (one thread: 1 to 1.5 ms)
+    try:
+        best = best_times(ctx, models, prompt, greedy)
+    finally:
+        torch.set_num_threads(threads)
+    return judge_latency({k: 1000 * v / 32 for k, v in best.items()}, LATENCY_BOUND)
 
 
 @check("lk.finetune.trainer_run: Trainer + peft LoRA, mixed precision, paged AdamW on CUDA")
@@ -237,8 +303,8 @@ def _(ctx):
     losses, seconds = lk.finetune.trainer_run(model, SimpleNamespace(pad_token_id=0), None, steps=4, lr=5e-3,
                                               batch_size=len(encoded), encoded=encoded, optim=optim,
                                               progress=False)
-    ok = len(losses) == 4 and losses[-1] < losses[0]
-    return ok, f"{optim}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {seconds / 4:.2f} s a step"
+    ok, detail = judge_losses(losses)
+    return ok and len(losses) == 4, f"{optim}: {detail}, {seconds / 4:.2f} s a step"
 
 
 def measured_peak(ctx, model, batch, amp=None, baseline=0):
@@ -275,23 +341,25 @@ def _(ctx):
     measured, _ = measured_peak(ctx, model, batch, baseline=baseline)
     predicted = lk.memory.predict_peak(model, *batch["input_ids"].shape, "lora", QKVO, 8,
                                        foreach=ctx.device.type == "cuda")["total"]
-    ratio = predicted / measured
-    return abs(ratio - 1) < 0.15, f"measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB, ratio {ratio:.3f}"
+    return judge_ratio(measured, predicted)
 
 
-@check("7B-shaped QLoRA step: bitsandbytes NF4 + peft LoRA r=8 q,k,v,o, gradient checkpointing, bf16, batch 1 x 512")
+@check("7B-shaped QLoRA step: bitsandbytes NF4 + peft LoRA r=8 q,k,v,o, gradient checkpointing, mixed precision, batch 1 x 512")
 def _(ctx):
+    """lk.memory does not model gradient checkpointing, so the peak is judged between what the step
+    must hold (the weights and the adapters' states, on paper) and lk.memory's fp32 prediction without
+    checkpointing (which saves every layer's activations and keeps 4 bytes per unquantized weight)."""
     baseline = clean_cuda(ctx)
-    model = random_model(ctx, "7b", torch.bfloat16)
+    model = random_model(ctx, "7b", ctx.amp)
     cfg = model.config
-    model = bnb_quantize(model, torch.bfloat16)
+    model = bnb_quantize(model, ctx.amp)
     clean_cuda(ctx)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = peft_lora(model)
     batch = fixed_batch(ctx, 1, 512 if not ctx.small else 32, cfg.vocab_size)
     t0 = time.perf_counter()
-    measured, loss = measured_peak(ctx, model, batch, amp="bf16", baseline=baseline)
+    measured, loss = measured_peak(ctx, model, batch, amp=amp_name(ctx.amp), baseline=baseline)
     seconds = (time.perf_counter() - t0) / 2
     n_params = sum(p.numel() for p in model.parameters()) + sum(
         m.in_features * m.out_features for _, m in lk.qlora.bnb_4bit_layers(model)) - sum(
@@ -300,9 +368,10 @@ def _(ctx):
     weights = lk.memory.method_bill(n_params, lk.count_parameters(model)[0], "qlora",
                                     n_quantized=sum(m.in_features * m.out_features
                                                     for _, m in lk.qlora.bnb_4bit_layers(model)))
-    return math.isfinite(loss), (f"loss {loss:.2f}; {n_params / 1e9:.2f}B parameters; measured peak {measured / 2**30:.2f} GiB, {seconds:.2f} s a step; "
-                  f"lk.memory (fp32, no checkpointing) predicts {predicted / 2**30:.2f} GiB; "
-                  f"weights + adapter states on paper {sum(weights.values()) / 2**30:.2f} GiB")
+    ok, detail = judge_between(measured, sum(weights.values()), predicted,
+                               ("weights + adapter states on paper", "lk.memory's fp32 no-checkpointing prediction"))
+    return ok and math.isfinite(loss), (f"{amp_name(ctx.amp)}, loss {loss:.2f}; {n_params / 1e9:.2f}B parameters; "
+                                        f"{seconds:.2f} s a step; peak {detail}")
 
 
 def clean_cuda(ctx):
@@ -331,14 +400,14 @@ def main():
         return 0
     device = torch.device("cuda" if cuda and not args.cpu else "cpu")
     lk.session.quiet_machine_noise()
-    ctx = SimpleNamespace(device=device, small=device.type == "cpu")
+    ctx = SimpleNamespace(device=device, small=device.type == "cpu", amp=lk.amp_dtype(device))
     ctx.batch = fixed_batch(ctx, 4, 64 if not ctx.small else 16, config("smollm2", ctx.small).vocab_size)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (toy sizes)"
     import bitsandbytes
     import peft
     import transformers
     print(f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"bitsandbytes {bitsandbytes.__version__}; bf16 autocast on CUDA: {lk.amp_dtype('cuda') if cuda else '-'}")
+          f"bitsandbytes {bitsandbytes.__version__}; mixed precision (lk.amp_dtype): {amp_name(ctx.amp)}")
     rows = []
     for title, fn in CHECKS:
         t0 = time.perf_counter()
