@@ -11,7 +11,10 @@ the shapes):
      lk.memory.predict_peak from parameter counts and the model's shape;
   2. ratios to full fine-tuning                       (aim: LoRA peak memory <= 0.6 of full's)
   3. predicted / measured peak                        (aim: within 1%)
-  4. throughput of lk.train.train / Trainer, same peft LoRA model, data and settings
+  4. a QLoRA step of labkit's against a LoRA step    (aim: <= 1.15)
+     and against bitsandbytes' Linear4bit + peft's LoRA on the same model, the same NF4 settings
+     (double quantization, fp32 compute) and batch     (aim: <= 1.0)
+  5. throughput of lk.train.train / Trainer, same peft LoRA model, data and settings
                                                       (aim: >= 0.95)
 On a CUDA machine it runs there. With --json PATH it also writes these figures there (chapter 6
 reads data/results/bench_finetune.json, made by `python scripts/bench_finetune.py --json
@@ -29,12 +32,10 @@ import torch
 
 import labkit as lk
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QKVO = lk.lora.QKVO
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sync = lk.session.synchronize
 
 
 def held(device):
@@ -77,6 +78,39 @@ def measure(method, name, device, batch, steps):
     return {"method": method, "trainable": trainable, "s_per_step": statistics.median(times),
             "tracked": tracked["total"], "process": before - start + extra, "predicted": predicted["total"],
             "phase": predicted["phase"]}
+
+
+def bnb_qlora_step(name, device, batch, steps):
+    """Median seconds per step of bitsandbytes + peft's QLoRA: every linear layer but the head in
+    NF4 with double quantization, fp32 compute, LoRA r=8 on q,k,v,o, AdamW; on a CPU kept on
+    bitsandbytes' dequantize-then-matmul path (lk.qlora.bnb_exact_on_cpu), the path labkit takes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    where = {"": 0} if device.type == "cuda" else "cpu"
+    model = lk.load_model(name, quantization_config=cfg, device_map=where)[0]
+    if device.type == "cpu":
+        lk.qlora.bnb_exact_on_cpu(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=QKVO, lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def throughput(name, device, batch_size, seq, steps, rounds):
@@ -139,6 +173,12 @@ def main():
     worst = max(abs(r["predicted"] / r["tracked"] - 1) for r in rows)
     print(f"\nLoRA peak / full peak: {lora['tracked'] / full['tracked']:.3f}  (aim <= 0.6)")
     print(f"largest |predicted / measured - 1|: {worst:.4f}  (aim <= 0.01)")
+    qlora = rows[2]
+    bnb_s = bnb_qlora_step(name, device, batch, args.steps)
+    print(f"\nQLoRA step: labkit {qlora['s_per_step']:.2f} s, bitsandbytes + peft {bnb_s:.2f} s, "
+          f"labkit LoRA {lora['s_per_step']:.2f} s")
+    print(f"labkit QLoRA / labkit LoRA: {qlora['s_per_step'] / lora['s_per_step']:.3f}  (aim <= 1.15)")
+    print(f"labkit QLoRA / bitsandbytes + peft QLoRA: {qlora['s_per_step'] / bnb_s:.3f}  (aim <= 1.0)")
 
     t = throughput(name, device, args.batch, args.seq, args.trainer_steps, args.rounds)
     print(f"\n{args.trainer_steps} LoRA steps (peft model, batch {args.batch} x {args.seq}, clipping at 1.0), "
@@ -153,9 +193,11 @@ def main():
                              "qlora_time": rows[2]["s_per_step"] / full["s_per_step"],
                              "lora_peak": lora["tracked"] / full["tracked"],
                              "qlora_peak": rows[2]["tracked"] / full["tracked"],
+                             "qlora_over_lora_time": qlora["s_per_step"] / lora["s_per_step"],
+                             "qlora_over_bnb_peft_time": qlora["s_per_step"] / bnb_s,
                              "worst_prediction_error": worst,
                              "labkit_over_trainer_throughput": t["Trainer"] / t["labkit"]},
-                  "trainer_seconds": t}
+                  "trainer_seconds": t, "bnb_peft_qlora_s_per_step": bnb_s}
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)

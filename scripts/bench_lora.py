@@ -16,16 +16,14 @@ import torch
 
 import labkit as lk
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QKVO = lk.lora.QKVO
 
 
 def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    lk.session.synchronize(device)
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    lk.session.synchronize(device)
     return time.perf_counter() - t0
 
 

@@ -4,8 +4,10 @@ in fp32, bf16, NF4 and NF4 with double quantization.
     python scripts/bench_quant.py [--size 4096] [--repeats 5]
 
 Prints, from one run on this machine's device: the median time of each side on a size x size
-matrix and labkit / bitsandbytes ratios (aim: within 2x), then the memory table (measured bytes
-of the model's tensors beside the arithmetic).
+matrix and labkit / bitsandbytes ratios (aim: at most 1.0), the bandwidth bound of the same bytes
+(a plain copy of an fp32 tensor of that size: into a new tensor, as both libraries write their
+output, and into an existing one), then the memory table (measured bytes of the model's tensors
+beside the arithmetic).
 """
 import argparse
 import statistics
@@ -18,14 +20,14 @@ from labkit import quant as q
 
 
 def median_time(fn, repeats):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fn()                                                        # warm-up
     times = []
     for _ in range(repeats):
-        sync()
+        lk.session.synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        lk.session.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -44,10 +46,17 @@ def kernels(size, repeats, device):
         td_b = median_time(lambda: bnbF.dequantize_4bit(p_b, s_b), repeats)
         label = "NF4 + double quant" if dq else "NF4"
         rows += [(f"quantize   {label}", tq_l, tq_b), (f"dequantize {label}", td_l, td_b)]
+    fresh = median_time(lambda: torch.empty_like(w).copy_(w), repeats)
+    into = torch.empty_like(w)
+    existing = median_time(lambda: into.copy_(w), repeats)
     print(f"{size} x {size} fp32 matrix on {device}, blocksize 64, {repeats} repeats (median)")
-    print(f"{'':<32}{'labkit s':>10}{'bnb s':>10}{'labkit/bnb':>12}")
+    print(f"{'':<32}{'labkit s':>10}{'bnb s':>10}{'labkit/bnb':>12}   (aim: <= 1.0)")
     for name, a, b in rows:
         print(f"{name:<32}{a:>10.4f}{b:>10.4f}{a / b:>12.2f}")
+    mib = w.numel() * 4 / 2**20
+    print(f"bandwidth bound, a plain copy of the {mib:.0f} MiB of fp32 values: {fresh:.4f} s into a new tensor, "
+          f"{existing:.4f} s into an existing one")
+    return rows, fresh, existing
 
 
 def memory_table():
