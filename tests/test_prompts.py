@@ -101,7 +101,10 @@ def test_decoder_first_step_equals_peft_forward(tok, kind):
             tok.padding_side = side
         assert padded["attention_mask"][1, 0] == 0                             # really padded
         in_batch, _ = prompts.first_pass(ours, padded)
-    torch.testing.assert_close(in_batch.logits[1, -1], expected[0], rtol=0, atol=1e-4)
+    # In a batch of two, the matrices have other shapes again, and some CPUs pick other kernels for
+    # them: measured 1.8e-4 on logits of 33 (5.5e-6 of their scale) on an Intel CPU with AVX512-BF16,
+    # under 1e-4 on AMD and AVX2 ones. The bound scales with the logits: 1e-5 of the largest.
+    torch.testing.assert_close(in_batch.logits[1, -1], expected[0], rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def rereading(pm, tok, question, max_new_tokens):
