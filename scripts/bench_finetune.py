@@ -45,11 +45,8 @@ def held(device):
     return lk.memory.held_memory()
 
 
-def measure(method, name, device, batch, steps):
-    start = held(device)
-    model, _ = lk.load_model(name, device=device)
-    torch.manual_seed(0)
-    lk.finetune.prepare(model, method, QKVO, r=8, alpha=16)
+def training_step(model, batch):
+    """(optimizer, step): one AdamW step of `model` on `batch`, the model in training mode."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -57,17 +54,32 @@ def measure(method, name, device, batch, steps):
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return opt, step
 
+
+def step_times(step, device, steps):
+    """Seconds of each of `steps` calls of step(), the device waited for on both sides."""
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(method, name, device, batch, steps):
+    start = held(device)
+    model, _ = lk.load_model(name, device=device)
+    torch.manual_seed(0)
+    lk.finetune.prepare(model, method, QKVO, r=8, alpha=16)
+    opt, step = training_step(model, batch)
     step()                                               # warm-up; AdamW's states now exist
     times = []
 
     def timed_steps():
-        for _ in range(steps):
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        times.extend(step_times(step, device, steps))
 
     before = held(device)                                # the model and AdamW's states
     _, extra = lk.memory.peak_memory(timed_steps, device)
@@ -94,23 +106,9 @@ def bnb_qlora_step(name, device, batch, steps):
         lk.qlora.bnb_exact_on_cpu(model)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=QKVO, lora_dropout=0.0))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-    def step():
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _, step = training_step(model, batch)
+    step()                                               # warm-up
+    return statistics.median(step_times(step, device, steps))
 
 
 def throughput(name, device, batch_size, seq, steps, rounds):
