@@ -53,9 +53,10 @@ class LinearNF4(nn.Module):
         self.register_buffer("absmax", s.absmax)                  # per block: fp32, or uint8 with DQ
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(name, getattr(s, name))          # None without double quantization
-        # the 16 NF4 values, kept on the layer's device (not saved: nf4_codebook() rebuilds them), so
-        # that a forward pass on a GPU reads nothing back from the host
-        self.register_buffer("code", s.code, persistent=False)
+        # the 16 NF4 values, kept on the layer's device so that a forward pass on a GPU reads nothing
+        # back from the host; not a buffer: like bitsandbytes' codebook they are a shared constant,
+        # neither saved nor counted in the layer's bytes (_apply moves them with the layer)
+        self.code = s.code
 
     def quant_state(self):
         return QuantState4(torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.blocksize,
@@ -77,6 +78,7 @@ class LinearNF4(nn.Module):
         they keep their dtype, as bitsandbytes' Params4bit keeps its QuantState. Only the bias
         follows a dtype change; the compute dtype is the layer's own setting."""
         probe = fn(torch.zeros(1, device=self.packed.device))
+        self.code = self.code.to(probe.device)                     # the codebook follows moves only
         if probe.dtype == torch.float32:                           # a move only: apply it to everything
             return super()._apply(fn, recurse)
         return super()._apply(lambda t: fn(t) if t is self.bias else t.to(probe.device), recurse)

@@ -284,3 +284,15 @@ def test_linear_nf4_forward_and_backward_read_nothing_back_to_the_host(double_qu
     with pytest.raises(AssertionError, match="host synchronisation"):      # the guard itself bites
         with _NoHostReads():
             y.sum().item()
+
+
+def test_the_codebook_is_a_shared_constant_not_counted_and_it_follows_moves():
+    """The layer keeps its 16 NF4 values on its device for the no-host-read forward pass, but, as
+    bitsandbytes' codebook, they are neither saved nor counted in the layer's bytes (chapter 5
+    prints those bytes), and a cast to bf16 leaves them in fp32."""
+    layer = lk.LinearNF4(nn.Linear(128, 64, bias=False), double_quant=True)
+    stored = sum(t.numel() * t.element_size() for t in (layer.packed, layer.absmax, layer.offset, layer.absmax2, layer.code2))
+    assert lk.model_bytes(layer) == stored
+    assert "code" not in layer.state_dict()
+    layer.to(torch.bfloat16)
+    assert layer.code.dtype == torch.float32 and torch.equal(layer.code, lk.nf4_codebook())
