@@ -11,7 +11,7 @@ import torch
 from . import data, text
 from .lora import QKVO, count_parameters, inject_lora, save_adapter
 from .memory import tracked_peak
-from .session import amp_dtype
+from .session import amp_dtype, synchronize
 from .train import autocast, input_device, to_device, train
 
 # The learning rate each method trains with by default. Full fine-tuning, LoRA and QLoRA keep the
@@ -117,19 +117,16 @@ def timed_training(model, batches, steps, measure_peak=True, **train_kwargs):
     eval_fn, evaluating = train_kwargs.get("eval_fn"), [0.0]
     if eval_fn is not None:
         def timed_eval(m):
-            if device.type == "cuda":
-                torch.cuda.synchronize()                     # the training step's kernels are not eval's
+            synchronize(device)                              # the training step's kernels are not eval's
             t = time.perf_counter()
             result = eval_fn(m)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             evaluating[0] += time.perf_counter() - t
             return result
         train_kwargs = {**train_kwargs, "eval_fn": timed_eval}
     t0 = time.perf_counter()
     losses = train(model, batches, steps, **train_kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = (time.perf_counter() - t0 - evaluating[0]) / steps
     if not measure_peak:
         model.eval()
@@ -334,24 +331,19 @@ def latency_per_token(model, tok, prompt, new_tokens=32, repeats=3):
     model.eval()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
+    with text.left_padded(tok):
         enc = tok([text.chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
                   add_special_tokens=False).to(device)
-    finally:
-        tok.padding_side = side
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         if isinstance(model, PromptModel):            # all prompts in one batch, as generate() takes them
             greedy(model, tok, prompts, max_new_tokens=new_tokens, batch_size=len(prompts), stop_at_eos=False)
         else:
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best / new_tokens
 
@@ -366,7 +358,8 @@ def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, ma
     examples) replaces `train_rows` when given; `optim` is Trainer's optimizer name (on a GPU,
     "paged_adamw_32bit" or "paged_adamw_8bit" for QLoRA). Returns (losses per step, seconds in train())."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
-    cuda = next(model.parameters()).is_cuda
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
     bf16 = cuda and amp_dtype("cuda") == torch.bfloat16      # a T4 reports bf16 only through emulation
     if encoded is None:
         encoded = [text.encode(tok, r["prompt"], r["response"]) for r in train_rows]
@@ -376,7 +369,7 @@ def trainer_run(model, tok, train_rows, steps, lr=2e-3, batch_size=8, seed=0, ma
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim=optim,
             max_grad_norm=max_grad_norm if max_grad_norm is not None else 0.0,   # 0: no clipping
             logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-            use_cpu=not cuda, bf16=bf16, fp16=cuda and not bf16, remove_unused_columns=False,
+            use_cpu=device.type == "cpu", bf16=bf16, fp16=cuda and not bf16, remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=not progress)
         trainer = Trainer(model=model, args=args, train_dataset=encoded,
                           data_collator=lambda examples: text.collate(examples, tok.pad_token_id))

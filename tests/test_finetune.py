@@ -175,6 +175,41 @@ def test_latency_is_one_forward_pass_per_token(tok, monkeypatch, prompt_method, 
     assert finetune.latency_per_token(model, tok, prompts, new_tokens=4, repeats=2) == 1.0
 
 
+def test_latency_waits_for_the_models_device_and_gives_the_padding_side_back(tok, monkeypatch):
+    """The clock is read after the device has run its kernels: latency_per_token synchronizes the
+    model's device (CUDA or MPS alike, lk.session.synchronize) before and after every repeat, and
+    hands the tokenizer back with the padding side it had."""
+    waited = []
+    monkeypatch.setattr(finetune, "synchronize", waited.append)
+    side = tok.padding_side
+    finetune.latency_per_token(tiny_for(tok), tok, ["Hi", "Hello there"], new_tokens=2, repeats=2)
+    assert waited == [torch.device("cpu")] * 4 and tok.padding_side == side
+
+
+@pytest.mark.parametrize("device, use_cpu", [("cpu", True), ("mps", False), ("cuda", False)])
+def test_trainer_stays_on_the_models_device(monkeypatch, device, use_cpu):
+    """use_cpu=True would make Trainer move a model on Apple's MPS to the CPU: only a model on the
+    CPU asks for it. Mixed precision is asked for on CUDA only. TrainingArguments is replaced by a
+    recorder, so no Trainer runs and no device is needed."""
+    import transformers
+    from types import SimpleNamespace
+
+    class Recorded(Exception):
+        pass
+
+    def recorder(**kwargs):
+        raise Recorded(kwargs)
+
+    monkeypatch.setattr(transformers, "TrainingArguments", recorder)
+    monkeypatch.setattr(finetune, "amp_dtype", lambda d: torch.bfloat16)
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+    with pytest.raises(Recorded) as got:
+        finetune.trainer_run(model, None, None, 1, encoded=[])
+    args = got.value.args[0]
+    assert args["use_cpu"] is use_cpu
+    assert (args["bf16"], args["fp16"]) == ((True, False) if device == "cuda" else (False, False))
+
+
 def stream(vocab=256, B=2, T=10):
     g = torch.Generator().manual_seed(0)
     while True:
