@@ -234,12 +234,11 @@ def greedy_ids(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=T
     the prompts; each new token then goes to the frozen model with that cache. Positions are
     numbered as in training: the prompt's real tokens from n on (left padding does not count), each
     new token one further. `stop_at_eos=False` makes exactly `max_new_tokens` (for timing)."""
-    from .text import chat_prompt
+    from .text import chat_prompt, left_padded     # inside: text imports this module too
     pm.eval()
     device = next(pm.model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
     answers = []
-    try:
+    with left_padded(tok):
         for i in range(0, len(prompts), batch_size):
             enc = tok([chat_prompt(tok, p) for p in prompts[i:i + batch_size]], return_tensors="pt",
                       padding=True, add_special_tokens=False).to(device)
@@ -260,8 +259,6 @@ def greedy_ids(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=T
                                logits_to_keep=1, **{pm.cache_argument: _output_cache(out)})
             for row in new.tolist():                        # a finished row ran on: cut it at its end
                 answers.append(row[:row.index(tok.eos_token_id) + 1] if stop_at_eos and tok.eos_token_id in row else row)
-    finally:
-        tok.padding_side = side
     return answers
 
 

@@ -94,11 +94,8 @@ def test_decoder_first_step_equals_peft_forward(tok, kind):
         # float32 sums are taken in another order: measured up to 3.6e-5 on logits as large as 33.
         # 1e-4 is 3e-6 of that scale.
         torch.testing.assert_close(got.logits[:, -1], expected, rtol=0, atol=1e-4)
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
+        with lk.text.left_padded(tok):
             padded = tok([longer, prompt], return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
         assert padded["attention_mask"][1, 0] == 0                             # really padded
         in_batch, _ = prompts.first_pass(ours, padded)
     # In a batch of two, the matrices have other shapes again, and some CPUs pick other kernels for
@@ -141,7 +138,8 @@ def test_cached_batched_decoding_equals_rereading_the_sequence(tok, kind):
 
 def test_decoding_stops_each_row_at_its_own_end(tok):
     """A row that reaches the end-of-turn token stops there while the others go on. The toy
-    P-Tuning v2 model above says token 16449 in two of its three answers: make it the end."""
+    P-Tuning v2 model above says token 16449 in two of its three answers: make it the end. The
+    tokenizer's padding side is given back afterwards."""
     import copy
     torch.manual_seed(0)
     model = lk.tiny_llama(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
@@ -151,8 +149,10 @@ def test_decoding_stops_each_row_at_its_own_end(tok):
         pm.prompt.embedding.weight.mul_(3)
     tok = copy.deepcopy(tok)
     tok.eos_token = tok.convert_ids_to_tokens(16449)
+    tok.padding_side = "right"                                   # greedy_ids pads on the left, then gives it back
     questions = ["Hello there, who are you?", "Ana, 34, is a nurse in Lima.", "Hi"]
     got = prompts.greedy_ids(pm, tok, questions, max_new_tokens=10, batch_size=3)
+    assert tok.padding_side == "right"
     assert [g[-1] == 16449 for g in got] == [True, False, True] and len(got[1]) == 10 > len(got[0])
     assert got == [rereading(pm, tok, q, 10) for q in questions]
 
