@@ -28,7 +28,7 @@ import torch
 
 import labkit as lk
 
-QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QKVO = lk.lora.QKVO
 CHECKS = []
 
 
@@ -267,13 +267,11 @@ def best_times(ctx, models, prompt, greedy, rounds=5):
     best = dict.fromkeys(models, float("inf"))
     for _ in range(rounds):
         for name, model in models.items():
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
+            lk.session.synchronize(ctx.device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 model.generate(input_ids=prompt, **greedy)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
+            lk.session.synchronize(ctx.device)
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
