@@ -79,7 +79,8 @@ def test_merge_unmerge_round_trip():
     layer.merge()
     assert layer.merged
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.base.weight, W0 + layer.delta_weight(), rtol=0, atol=0)
+    # W0 + (alpha / r) B A written out (make(): alpha 8, r 4), not merge()'s own delta_weight()
+    torch.testing.assert_close(layer.base.weight, W0 + (8 / 4) * (layer.lora_B @ layer.lora_A), rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
