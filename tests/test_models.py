@@ -41,6 +41,7 @@ def test_minilm_loads_real_weights():
     assert out.last_hidden_state.shape[-1] == 384
 
 
+@pytest.mark.slow                                   # loads the real SmolLM2 and MiniLM weights
 def test_an_adapter_of_an_offline_model_names_the_published_model_not_this_machine(tmp_path):
     """peft's base_model_name_or_path must not be the converted weights' cache path."""
     import json
