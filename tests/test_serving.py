@@ -124,16 +124,22 @@ def test_an_adapter_of_another_model_type_is_refused_even_when_shapes_fit(saved)
     lk.load_adapter(lk.tiny_llama(), paths["people"])          # the model it was made for takes it
 
 
-def test_latency_per_token_times_a_mixed_batch(saved):
+def test_latency_per_token_times_a_mixed_batch(saved, monkeypatch):
+    """Timed with a fake clock that ticks once per forward pass of the model (lk.finetune reads
+    the time), a mixed batch costs exactly 1.0 per decoding step: one pass makes a token per row."""
+    from types import SimpleNamespace
     _, paths = saved
     tok = lk.models.load_tokenizer()                               # SmolLM2's, over a toy model of its vocabulary
     model = serving.attach(lk.tiny_llama(vocab_size=len(tok)), paths)
+    passes = [0]
+    model.register_forward_pre_hook(lambda m, args: passes.__setitem__(0, passes[0] + 1))
+    monkeypatch.setattr(lk.finetune, "time", SimpleNamespace(perf_counter=lambda: float(passes[0])))
     for names in (None, ["people", "dates"]):
         if names is None:
             with pytest.raises(RuntimeError, match="no adapter chosen"):   # an attached model needs names
                 serving.latency_per_token(model, tok, ["a", "b"], new_tokens=2, repeats=1)
         else:
-            assert serving.latency_per_token(model, tok, ["a", "b"], names, new_tokens=2, repeats=1) > 0
+            assert serving.latency_per_token(model, tok, ["a", "b"], names, new_tokens=3, repeats=2) == 1.0
 
 
 def test_the_cached_scores_follow_from_the_cached_answers():
