@@ -38,3 +38,18 @@ def require(name):
                         "check that `pip install -e .` installed it and that its wheel fits this machine",
                         pytrace=False)
         pytest.skip(f"{name} does not import ({e}): `pip install -e .` installs it", allow_module_level=True)
+
+
+def snapshot(model):
+    """What a refused call must leave as it was: module types, weights, and what trains
+    (tests/test_inject.py and tests/test_serving.py check that labkit refuses before it changes a model)."""
+    return ([(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, before):
+    import torch
+    types, weights, grads = snapshot(model)
+    assert types == before[0], "a refused call changed the model's modules"
+    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
+    assert grads == before[2], "a refused call changed what trains"

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import labkit as lk
+from conftest import assert_unchanged, snapshot
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -273,19 +274,6 @@ def test_a_bert_adapter_in_peft_format_is_a_feature_extraction_one(tmp_path):
                                    rtol=0, atol=1e-6)
     llama = lk.save_adapter(trained(), tmp_path / "llama", format="peft")
     assert json.loads((llama / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
-
-
-def snapshot(model):
-    """What a refused call must leave as it was: module types, weights, and what trains."""
-    return ([(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model, before):
-    types, weights, grads = snapshot(model)
-    assert types == before[0], "a refused call changed the model's modules"
-    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
-    assert grads == before[2], "a refused call changed what trains"
 
 
 def test_a_refused_load_leaves_the_model_as_it_was(tmp_path):

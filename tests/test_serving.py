@@ -5,6 +5,7 @@ import torch
 
 import labkit as lk
 from labkit import serving
+from conftest import assert_unchanged, snapshot
 
 IDS = torch.randint(1, 256, (4, 10), generator=torch.Generator().manual_seed(0))
 
@@ -160,19 +161,6 @@ def test_the_cached_scores_follow_from_the_cached_answers():
             (serving.RECIPE["r"], serving.RECIPE["alpha"], sorted(lk.lora.QKVO))
         assert results["training"][name]["steps"] == serving.RECIPE["steps"] * (3 if name == "union" else 1)
     assert len(serving.union_rows()) == 1200
-
-
-def snapshot(model):
-    """What a refused attach must leave as it was: module types, weights, and what trains."""
-    return ([(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model, before):
-    types, weights, grads = snapshot(model)
-    assert types == before[0], "a refused attach changed the model's modules"
-    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
-    assert grads == before[2], "a refused attach changed what trains"
 
 
 def test_a_refused_attach_leaves_the_model_as_it_was(saved, tmp_path):
