@@ -104,7 +104,11 @@ def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
 
 @torch.no_grad()
 def answer_loss(model, tok, rows, batch_size=16):
-    """Mean cross-entropy over the answer tokens of `rows` (each token weighs the same)."""
+    """Mean cross-entropy over the answer tokens of `rows` (each token weighs the same), computed
+    here from the model's logits: the task's loss alone. The loss a model returns may hold more
+    (peft's AdaLoRA adds its orthogonality regulariser to it, in eval mode too), so the model is
+    given no labels. A prompt-tuning model's logits start with its virtual tokens': the last T
+    positions are the input's."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -112,8 +116,13 @@ def answer_loss(model, tok, rows, batch_size=16):
     losses, tokens = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], tok.pad_token_id).items()}
-        n = (batch["labels"][:, 1:] != IGNORE).sum().item()          # tokens the loss averages over
-        losses += model(**batch).loss.item() * n
+        labels = batch.pop("labels")
+        T = labels.shape[1]
+        logits = model(**batch).logits[:, -T:]
+        n = (labels[:, 1:] != IGNORE).sum().item()                   # tokens the loss averages over
+        losses += torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE, reduction="sum").item()
         tokens += n
     model.train(was_training)
     return losses / tokens
