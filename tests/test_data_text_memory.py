@@ -38,8 +38,12 @@ def test_people_splits_load_and_are_reproducible(tmp_path):
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     gen.main(tmp_path)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "test_large"):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == (data.DATA_DIR / "people" / f"{split}.jsonl").read_bytes()
+    large = data.load_task("people", splits=("test_large",))["test_large"]      # chapter 8's larger test set
+    assert len(large) == 300 and {r["template"] for r in large} == {8, 9}
+    prompts = [r["prompt"] for r in large]
+    assert len(set(prompts)) == 300 and not set(prompts) & {r["prompt"] for r in task["test"]}
 
 
 @pytest.mark.parametrize("content, msg", [

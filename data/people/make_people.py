@@ -1,10 +1,17 @@
 """Generate the `people` extraction task: a sentence about a person -> that person as JSON.
 
     python data/people/make_people.py        # rewrites train/val/test.jsonl here, byte for byte
+                                             # (and test_large.jsonl)
 
 Every name, city and job below was written for this workbook; the sentences are made by filling
 templates with a fixed seed. Templates 0-7 make the train and validation splits; templates 8-9
 appear only in the test split, so the test score measures generalisation to unseen phrasings.
+
+test_large.jsonl (300 rows, templates 8-9 as well) is drawn afterwards by a generator of its own
+seed, so the three splits above are the same as before it existed; a row whose prompt is already
+in test.jsonl, or earlier in test_large.jsonl, is drawn again, so the two test sets are disjoint.
+Chapter 8's comparison (scripts/run_peft_fair.py) scores on it: one example is 0.33 points of
+exact match there, against 1.7 on the 60-row test split.
 """
 import json
 import random
@@ -12,6 +19,7 @@ from pathlib import Path
 
 SEED = 1234
 N_TRAIN, N_VAL, N_TEST = 400, 40, 60
+SEED_LARGE, N_TEST_LARGE = 5678, 300
 
 FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tomas", "Fatima", "Liam",
          "Sofia", "Kwame", "Elena", "Hiro", "Nadia", "Peter", "Amara", "Jonas", "Mei", "Rafael",
@@ -54,11 +62,23 @@ def make_split(rng, n, templates):
     return [make_example(rng, rng.choice(list(templates))) for _ in range(n)]
 
 
+def make_large_test(rng, n, test):
+    """n held-out-template rows, none with a prompt of `test` or a repeated one."""
+    seen, rows = {r["prompt"] for r in test}, []
+    while len(rows) < n:
+        row = make_example(rng, rng.choice(list(TEST_TEMPLATES)))
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
 def main(out=Path(__file__).parent):
     rng = random.Random(SEED)
     splits = {"train": make_split(rng, N_TRAIN, TRAIN_TEMPLATES),
               "val": make_split(rng, N_VAL, TRAIN_TEMPLATES),
               "test": make_split(rng, N_TEST, TEST_TEMPLATES)}
+    splits["test_large"] = make_large_test(random.Random(SEED_LARGE), N_TEST_LARGE, splits["test"])
     for split, rows in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
             for row in rows:
