@@ -14,8 +14,8 @@ from .session import quiet_machine_noise
 
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
-from . import (adapters, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant, serving, text,
-               train, widgets)
+from . import (adapters, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant, serving, stats,
+               text, train, widgets)
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, replace_module, save_adapter,
