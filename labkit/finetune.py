@@ -32,6 +32,17 @@ LR_GRID = {"full": [2e-5, 5e-5, 1e-4], "lora": [1e-3, 2e-3, 5e-3], "qlora": [1e-
            "serial_adapter": [3e-4, 1e-3, 3e-3], "parallel_adapter": [1e-3, 3e-3, 1e-2],
            "parallel_ffn_s4": [3e-4, 1e-3, 3e-3], "prefix": [3e-4, 1e-3, 3e-3],
            "ptuning_v2": [1e-2, 3e-2, 1e-1], "prompt_tuning": [3e-3, 1e-2, 3e-2]}
+# Chapter 8's fair comparison (scripts/run_peft_fair.py): five rates for every method, no edge
+# extensions, half a decade apart (x sqrt(10), written 1-3-10), centred on the half-decade rate
+# nearest the geometric middle of the rates the search above tried (LR_GRID and its extensions,
+# data/results/peft_family.json). Each covers every rate that search tried, and that search's best
+# lies inside, not on an edge (tests/test_fair.py).
+FAIR_GRID = {"full": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "lora": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+             "qlora": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "dora": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+             "adalora": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "ia3": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+             "serial_adapter": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "parallel_adapter": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+             "parallel_ffn_s4": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "prefix": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+             "ptuning_v2": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "prompt_tuning": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
 FROM_SCRATCH = ("full", "lora", "qlora", "ia3", "serial_adapter", "parallel_adapter", "parallel_ffn_s4",
                 "prefix", "ptuning_v2", "prompt_tuning")                    # the rest via peft
 PROMPT_METHODS = ("prefix", "ptuning_v2", "prompt_tuning")
