@@ -27,18 +27,23 @@ file into one row per method (mean over seeds, 95% interval over seeds and examp
 the methods it cannot be told apart from).
 
 Runs: 12 methods x 5 rates = 60 selection runs (720 steps), 12 x 3 seeds = 36 reported runs (432
-steps), 12 x 2 budgets = 24 budget runs (12 x 72 = 864 steps): 120 trainings, 2016 steps.
-CPU time at one thread per process (the first cache measured 7 to 20 s per step of 8 examples,
-most methods about 10): training about 2016 x 10 s = 5.6 hours (4 to 11 hours over the range of
-methods' speeds). Scoring: 60 validation losses (about 10 s each), 60 test scorings of 360
-generated answers (the old script's 60-answer scoring with the probe took about a minute; at the
-same rate per answer about 5 minutes each, so about 5 hours), 36 probe scorings. About 11 hours
-of one-thread CPU in all (7 to 17), so about 5.5 hours with two processes on a 2-core machine,
-two nights' worth if the machine is shared. Every run records its own `train_s` and `score_s`,
-so the estimate can be redone from the first few runs (`--plan` prints what is left).
+steps), 12 x 2 budgets = 24 budget runs (12 x (24 + 48) = 864 steps): 120 trainings, 2016 steps.
+CPU time at one thread per process, estimated from the first cache (peft_family.json: 6.6 to
+24.5 s per step of 8 examples, mean 9.9; its scoring of 60 test answers, 26 probe answers and a
+test loss took about a minute, so about 1.4 answers a second at batch 64):
+  training      2016 steps x 10 s                              about 5.6 h  (3.9 to 11 h)
+  validation    120 validation losses of 40 rows, ~10 s each   about 0.3 h
+  scoring       60 scored runs x 360 answers (test + test_large), 36 x 26 probe answers:
+                about 4.3 min a run                            about 4.5 h  (3 to 6 h)
+  in all        about 10.5 hours of one-thread CPU (7 to 17), so about 5 to 6 hours with two
+                processes on a 2-core machine that nothing else uses (3.5 to 8.5).
+Not measured here: the machine was shared while this script was written. Every run records
+its own `train_s` and `score_s` (and `wall_s`), so redo the estimate from the first few runs;
+`--plan` prints what is left.
 
 Two processes can share the work: `--only` with different methods, OMP_NUM_THREADS=1 each; they
-take turns writing the file (a lock, an atomic replace: the file is valid JSON after every run).
+take turns writing the file (a lock, an atomic replace: the file is valid JSON after every run;
+data/results/README.md gives two --only groups of about equal time).
 A run already in the file is not redone, so an interrupted run resumes where it stopped. The
 settings (grids, seeds, budgets, model, torch version, machine) are recorded in the file; a rerun
 with other settings that change results (steps, batch, grids, selection seed, torch) is refused
