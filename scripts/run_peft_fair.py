@@ -247,6 +247,17 @@ def make_train(data, probe, batch_size, first_seed, name="smollm2", device="cpu"
     return train
 
 
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -280,7 +291,7 @@ def main():
                              "selection-seed runs; no edge extension",
                 "interval": "lk.stats.bootstrap_interval: 95%, seeds then examples, 10000 replicates, seed 0",
                 "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "machine": cpu_name(), "cores": os.cpu_count(),
                 "python": platform.python_version(), "started": time.strftime("%Y-%m-%d")}
     start(args.out, settings)
     data = lk.data.load_task("people", splits=("train", "val") + SPLITS)

@@ -234,3 +234,24 @@ def test_the_real_trainer_on_a_toy_model_writes_a_complete_cache(tmp_path, tok):
     assert report[0]["peak_mib"] > 0 and report[0]["ms_per_token"] > 0 and report[1]["peak_mib"] is None
     assert all(0 <= r["probe"] <= 1 and r["checkpoint_mib"] > 0 for r in report.values())
     assert [r["seeds"] for r in stats.method_summary(runs, cache["chosen_lr"], steps=2)] == [[0, 1]]
+
+
+def test_main_records_its_settings_and_prints_the_summary(tmp_path, monkeypatch, capsys):
+    """The command line end to end with the fake trainer in place of make_train's."""
+    import sys
+    mod = script()
+    path = tmp_path / "fair.json"
+    monkeypatch.setattr(lk, "setup", lambda seed=0: ("cpu", "smollm2"))
+    monkeypatch.setattr(mod, "make_train", lambda *a, **k: FakeTrain(path))
+    monkeypatch.setattr(sys, "argv", ["run_peft_fair.py", "--only", "lora", "--out", str(path)])
+    mod.main()
+    cache = json.loads(path.read_text())
+    s = cache["settings"]
+    assert s["grids"] == finetune.FAIR_GRID and s["seeds"] == [0, 1, 2] and s["selection_seed"] == 100
+    assert s["budgets"] == [24, 48] and s["torch"] == torch.__version__ and s["machine"] and s["steps"] == 12
+    assert len(cache["runs"]) == 10 and cache["chosen_lr"] == {"lora": 3e-3}
+    out = capsys.readouterr().out
+    assert "chosen rates" in out and "cannot be told apart" in out
+    monkeypatch.setattr(sys, "argv", ["run_peft_fair.py", "--out", str(path), "--steps", "24"])
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.main()
