@@ -108,7 +108,12 @@ case "$cmd" in
            ROOT_FLAG=""; [ "$(id -u)" -eq 0 ] && ROOT_FLAG="--allow-root"
            exec "$PY" -m jupyter lab $ROOT_FLAG "$@" notebooks/ ;;
   run-all) setup; run_all ;;
-  test)    setup; browser_setup; "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider ;;
+  test)    start=$(date +%s); rc=0
+           setup; browser_setup
+           "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider || rc=$?
+           took=$(( $(date +%s) - start ))
+           echo "== test command: $((took / 60)) min $((took % 60)) s in all, set-up included (exit code $rc)"
+           exit $rc ;;
   bench)   setup; for b in scripts/bench_*.py; do "$PY" "$b"; done ;;
   *) echo "usage: bash scripts/workbook.sh {lab|run-all|test|bench|setup}"; exit 2 ;;
 esac
