@@ -27,3 +27,20 @@ from .quant import dequantize_nf4, nf4_codebook, quantize_nf4
 from .session import amp_dtype, setup
 
 __version__ = "0.1.0"
+
+# The chapter that introduces each module: the first chapter whose notebook uses it (lk.<module>.<name>,
+# `from labkit import <module>`, or a name re-exported from it, as lk.load_model is lk.models').
+# A module may import only modules of its own chapter or earlier ones, and no import goes round in a
+# circle: tests/test_rooms.py reads every module's imports and checks both, and checks this map
+# against the notebooks. exercises (the checkers of every chapter) and this file are outside the map.
+CHAPTERS = {
+    "session": 0, "models": 0, "data": 0, "text": 0, "train": 0, "measure": 0, "memory": 0, "lora": 0,
+    "lowrank": 1,
+    "compare": 2,
+    "quant": 4,
+    "qlora": 5,
+    "finetune": 6,
+    "lab": 7, "widgets": 7,
+    "adapters": 8, "prompts": 8,
+    "serving": 9,
+}
