@@ -22,6 +22,8 @@ import inspect
 import torch
 import torch.nn as nn
 
+from .text import chat_prompt, left_padded, register_generator
+
 KINDS = ("prompt_tuning", "prefix", "ptuning_v2")
 INITS = ("random", "zero", "text")
 
@@ -234,7 +236,6 @@ def greedy_ids(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=T
     the prompts; each new token then goes to the frozen model with that cache. Positions are
     numbered as in training: the prompt's real tokens from n on (left padding does not count), each
     new token one further. `stop_at_eos=False` makes exactly `max_new_tokens` (for timing)."""
-    from .text import chat_prompt, left_padded     # inside: text imports this module too
     pm.eval()
     device = next(pm.model.parameters()).device
     answers = []
@@ -267,3 +268,19 @@ def greedy(pm, tok, prompts, max_new_tokens=48, batch_size=16, stop_at_eos=True)
     used for prefix methods here: with transformers 5.2x it drops the prefix (tests/test_prompts.py)."""
     ids = greedy_ids(pm, tok, prompts, max_new_tokens, batch_size, stop_at_eos)
     return [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+
+
+def _is_prompt_learning(model):
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@register_generator
+def _own_decoder(model):
+    """lk.text.generate's route for prompt methods: a PromptModel, or a peft prompt-tuning or prefix
+    model (whose own generate drops the prefix here, tests/test_prompts.py), answers through greedy."""
+    if _is_prompt_learning(model):
+        model = from_peft(model)
+    if isinstance(model, PromptModel):
+        return lambda tok, prompts, max_new_tokens, batch_size: greedy(model, tok, prompts, max_new_tokens, batch_size)
+    return None

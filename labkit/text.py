@@ -76,20 +76,27 @@ def left_padded(tok):
         tok.padding_side = side
 
 
-def _is_prompt_learning(model):
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+# Models that answer through their own decoder rather than model.generate: each entry is a function
+# that, given a model, returns `answer(tok, prompts, max_new_tokens, batch_size)` for a model it
+# knows, else None. Chapter 8's prompt methods (lk.prompts) put theirs here, so this module needs
+# nothing of theirs.
+GENERATORS = []
+
+
+def register_generator(fn):
+    """Add `fn` (model -> answer function or None) to GENERATORS; returns it, so it works as a decorator."""
+    GENERATORS.append(fn)
+    return fn
 
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens=48, batch_size=16):
     """Greedy answers to a list of user prompts, in batches (left-padded), as strings."""
     model.eval()
-    from .prompts import PromptModel, from_peft, greedy
-    if _is_prompt_learning(model):           # peft's generate drops prefixes here (tests/test_prompts.py)
-        model = from_peft(model)
-    if isinstance(model, PromptModel):
-        return greedy(model, tok, prompts, max_new_tokens, batch_size)
+    for own_decoder in GENERATORS:           # a prompt method (lk.prompts), peft's or labkit's
+        answer = own_decoder(model)
+        if answer is not None:
+            return answer(tok, prompts, max_new_tokens, batch_size)
     device = next(model.parameters()).device
     answers = []
     with left_padded(tok):

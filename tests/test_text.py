@@ -30,3 +30,16 @@ def test_generate_pads_on_the_left_and_restores_the_tokenizer():
     together = text.generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
     assert tok.padding_side == "right"
     assert together == [text.generate(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
+
+
+def test_generate_hands_a_model_to_the_decoder_registered_for_it(monkeypatch):
+    """text.generate knows no prompt method: a module registers the decoder of the models it makes
+    (lk.prompts does, for PromptModel and peft's prompt models), and other models go to model.generate."""
+    class Own(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(text, "GENERATORS", list(text.GENERATORS))
+    text.register_generator(lambda m: (lambda tok, ps, n, bs: [f"{p}:{n}:{bs}" for p in ps]) if isinstance(m, Own) else None)
+    assert text.generate(Own(), None, ["a", "b"], max_new_tokens=3, batch_size=2) == ["a:3:2", "b:3:2"]
+    assert lk.prompts._own_decoder in text.GENERATORS
+    assert lk.prompts._own_decoder(lk.tiny_llama()) is None
