@@ -14,8 +14,8 @@ from .session import quiet_machine_noise
 
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
-from . import (adapters, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant, serving, stats,
-               text, train, widgets)
+from . import (adapters, bnb_cpu, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant,
+               serving, stats, text, train, widgets)
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
                    lora_layers, lora_report, lora_state_dict, merge_lora, replace_module, save_adapter,
@@ -38,7 +38,7 @@ CHAPTERS = {
     "lowrank": 1,
     "compare": 2,
     "quant": 4,
-    "qlora": 5,
+    "qlora": 5, "bnb_cpu": 5,
     "finetune": 6,
     "lab": 7, "widgets": 7,
     "adapters": 8, "prompts": 8,
