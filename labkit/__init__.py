@@ -14,17 +14,23 @@ from .session import quiet_machine_noise
 
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
-from . import (adapters, bnb_cpu, data, exercises, finetune, lab, lowrank, measure, memory, prompts, qlora, quant,
-               serving, stats, text, train, widgets)
+from . import (adapter_files, adapters, bnb_cpu, data, exercises, finetune, lab, lora, lowrank, measure, memory, prompts,
+               qlora, quant, serving, stats, text, train, widgets)
+from .adapter_files import load_adapter, save_adapter
 from .compare import peft_config, peft_lora_grads, to_peft
-from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, load_adapter,
-                   lora_layers, lora_report, lora_state_dict, merge_lora, replace_module, save_adapter,
-                   unmerge_lora)
+from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, lora_layers, lora_report,
+                   lora_state_dict, merge_lora, replace_module, unmerge_lora)
 from .models import (MINILM, SMOLLM2, ModelUnavailable, cache_dir, load_model, load_tokenizer, minilm_path,
                      smollm2_path, tiny_bert, tiny_llama)
 from .qlora import LinearNF4, inject_qlora, model_bytes, quantize_model
 from .quant import dequantize_nf4, nf4_codebook, quantize_nf4
 from .session import amp_dtype, setup
+
+# The adapter file formats left lora.py for adapter_files.py (which imports lora, so lora cannot
+# import them back): lk.lora.save_adapter, lk.lora.load_adapter, ... still name the same functions.
+for _name in adapter_files.__all__:
+    setattr(lora, _name, getattr(adapter_files, _name))
+del _name
 
 __version__ = "0.1.0"
 
@@ -37,6 +43,7 @@ CHAPTERS = {
     "session": 0, "models": 0, "data": 0, "text": 0, "train": 0, "measure": 0, "memory": 0, "lora": 0,
     "lowrank": 1,
     "compare": 2,
+    "adapter_files": 3,
     "quant": 4,
     "qlora": 5, "bnb_cpu": 5,
     "finetune": 6,

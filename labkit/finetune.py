@@ -9,7 +9,8 @@ import time
 import torch
 
 from . import data, text
-from .lora import QKVO, count_parameters, inject_lora, save_adapter
+from .adapter_files import save_adapter
+from .lora import QKVO, count_parameters, inject_lora
 from .memory import tracked_peak
 from .session import amp_dtype, synchronize
 from .train import autocast, input_device, to_device, train

@@ -20,7 +20,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn as nn
 
-from .lora import _device, check_model_type, is_linear, lora_scaling, read_adapter, replace_module
+from .adapter_files import check_model_type, read_adapter
+from .lora import _device, is_linear, lora_scaling, replace_module
 
 
 class MultiLoRALinear(nn.Module):

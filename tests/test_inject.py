@@ -254,7 +254,7 @@ def test_a_peft_option_labkit_does_not_know_is_refused_by_name(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config | {"use_mora": True}))   # another (future) peft's
     with pytest.raises(ValueError, match="use_mora"):
         lk.load_adapter(lk.tiny_llama(), folder)
-    assert set(config) <= set(lk.lora._PEFT_KEYS)              # labkit knows every key this peft writes
+    assert set(config) <= set(lk.adapter_files._PEFT_KEYS)              # labkit knows every key this peft writes
 
 
 def test_a_bert_adapter_in_peft_format_is_a_feature_extraction_one(tmp_path):
