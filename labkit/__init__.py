@@ -15,7 +15,7 @@ from .session import quiet_machine_noise
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
 from . import (adapter_files, adapters, bnb_cpu, data, exercises, finetune, lab, lora, lowrank, measure, memory, prompts,
-               qlora, quant, serving, stats, text, train, widgets)
+               qlora, quant, serving, stats, tasks, text, train, widgets)
 from .adapter_files import load_adapter, save_adapter
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, lora_layers, lora_report,
@@ -49,5 +49,5 @@ CHAPTERS = {
     "finetune": 6,
     "lab": 7, "widgets": 7,
     "adapters": 8, "prompts": 8,
-    "serving": 9,
+    "serving": 9, "tasks": 9,
 }
