@@ -48,6 +48,6 @@ CHAPTERS = {
     "qlora": 5, "bnb_cpu": 5,
     "finetune": 6,
     "lab": 7, "widgets": 7,
-    "adapters": 8, "prompts": 8,
+    "adapters": 8, "prompts": 8, "stats": 8,      # stats: chapter 8's fair comparison (scripts/run_peft_fair.py)
     "serving": 9, "tasks": 9,
 }
