@@ -11,8 +11,11 @@ layer's input through it, so adapters before a repacked layer stop learning. On 
 The chapter reads these through lk.qlora (lk.qlora.bnb_exact_on_cpu, ...), which re-exports them.
 """
 import contextlib
+import sys
 
 import torch
+
+from . import train
 
 
 def bnb_4bit_layers(model):
@@ -25,6 +28,20 @@ def bnb_cpu_repacked(model):
     """Names of the Linear4bit layers that bitsandbytes has repacked for its fused bf16 CPU kernel."""
     return [n for n, m in bnb_4bit_layers(model)
             if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+
+
+def refuse_repacked(model):
+    """lk.train.train's check (registered below): a model with repacked layers would train wrong."""
+    repacked = bnb_cpu_repacked(model) if "bitsandbytes" in sys.modules else []   # no Linear4bit without it
+    if repacked:
+        raise RuntimeError(
+            f"{len(repacked)} bitsandbytes 4-bit layers (e.g. {repacked[0]}) were repacked for bitsandbytes' CPU "
+            "inference kernel when the model ran under no_grad, and that kernel passes no gradient back: adapters "
+            "before them would not learn. Load the model again and call lk.qlora.bnb_exact_on_cpu(model) before "
+            "its first forward pass (chapter 5)")
+
+
+train.MODEL_CHECKS.append(refuse_repacked)
 
 
 def bnb_exact_on_cpu(model):

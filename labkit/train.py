@@ -8,11 +8,15 @@ With the defaults it is plain AdamW at a constant learning rate, one batch per s
 on CUDA the default amp=None autocasts (pass amp=False for plain fp32 AdamW there too).
 """
 import math
-import sys
 from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm          # text, not a widget: a saved notebook shows the finished bar (scripts/tidy_notebooks.py)
+
+
+# Checks that later chapters add, each called with the model before training starts and raising on
+# a model it must not train (chapter 5's lk.bnb_cpu adds one): the loop itself knows no later chapter.
+MODEL_CHECKS = []
 
 
 def lr_factor(step, steps, warmup=0, schedule="constant"):
@@ -79,14 +83,8 @@ def train(model, batches, steps, lr=2e-3, weight_decay=0.0, warmup=0, schedule="
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
-    from .qlora import bnb_cpu_repacked
-    repacked = bnb_cpu_repacked(model) if "bitsandbytes" in sys.modules else []   # no Linear4bit without it
-    if repacked:
-        raise RuntimeError(
-            f"{len(repacked)} bitsandbytes 4-bit layers (e.g. {repacked[0]}) were repacked for bitsandbytes' CPU "
-            "inference kernel when the model ran under no_grad, and that kernel passes no gradient back: adapters "
-            "before them would not learn. Load the model again and call lk.qlora.bnb_exact_on_cpu(model) before "
-            "its first forward pass (chapter 5)")
+    for refuse in MODEL_CHECKS:         # what later chapters refuse to train (chapter 5: lk.bnb_cpu's)
+        refuse(model)
     if grad_accum < 1 or steps < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got {steps} and {grad_accum}")
     if checkpoint_every and checkpoint is None:

@@ -20,10 +20,6 @@ EXEMPT = {"__init__", "exercises"}          # they serve every chapter: they may
 # Imports of a later chapter's module that stay for now, each with why: (importer, function, imported).
 # Every entry must still be there (a fixed one is taken out of this list).
 LATER_IMPORTS_KEPT = {
-    ("train", "train", "qlora"):
-        "train() refuses bitsandbytes layers repacked for the CPU kernel with lk.qlora.bnb_cpu_repacked (its home "
-        "is lk.bnb_cpu, chapter 5); chapter 6 prints train()'s source, so that line can change (to a check train "
-        "calls, registered by bnb_cpu) only together with chapter 6's saved output",
     ("memory", "<module>", "quant"):
         "the QLoRA line of the bill (chapters 5 to 7) prices NF4 with chapter 4's nf4_bits",
     ("finetune", "prepare", "adapters"): "chapter 8 adds its methods to finetune's runs (finetune.METHODS)",
