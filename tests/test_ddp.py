@@ -134,4 +134,8 @@ def test_the_shipped_accelerate_configs_are_what_they_say(name, kind, processes)
     config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert (config.distributed_type.name, config.num_processes, config.mixed_precision) == (kind, processes, "bf16")
     if kind == "FSDP":
-        assert config.fsdp_config["fsdp_use_orig_params"] is True          # frozen and trained weights in one layer
+        # FSDP2 (fully_shard, what scripts/ddp_lora.py --fsdp runs), not FSDP1's flat parameters: frozen and
+        # trained weights share a layer without FSDP1's use_orig_params, which FSDP2 has no key for
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert "fsdp_use_orig_params" not in config.fsdp_config
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
