@@ -26,7 +26,7 @@ for py in "$@"; do
     summary+=("Python $version: set-up failed"); continue
   fi
   "$venv/bin/python" -c 'import torch, transformers, peft, bitsandbytes; print("==", "torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
-  "$venv/bin/python" -m pytest tests -p no:cacheprovider -q 2>&1 | tee "build/pytest-$version.log" | tail -25
+  "$venv/bin/python" -m pytest tests -p no:cacheprovider -q -rs 2>&1 | tee "build/pytest-$version.log" | tail -25
   rc=${PIPESTATUS[0]}
   summary+=("Python $version: $(tail -1 "build/pytest-$version.log" | sed 's/=//g; s/^ *//') (rc $rc, $(( $(date +%s) - start )) s with set-up)")
 done
