@@ -9,7 +9,8 @@ answer appends zeros: a skill a 135M model learns in a few steps, where multiply
 or moving a decimal point, is not (a first version, with decimals and days -> h, scored 0% after
 chapter 9's 20 steps; one with powers of ten and decimals, 50%). Conversions
 0-6 make the train and validation splits; the test split holds 30 questions on the held-out
-conversion 7 (tonnes -> kg) and 30 new questions on conversions 0-6.
+conversion 7 (tonnes -> kg: its unit names are held out, not its factor, x1000, which five of the
+seven training conversions use) and 30 new questions on conversions 0-6.
 """
 import json
 import random
