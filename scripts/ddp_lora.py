@@ -14,7 +14,7 @@ adapter weights against each other. A toy Llama (random weights) keeps it to sec
 --fsdp shards every decoder layer and the rest of the model over the processes with torch's
 fully_shard (FSDP2: each process keeps 1/N of every weight, gathers a layer whole only while it
 computes, and reduce-scatters the gradients). The script calls fully_shard itself, because
-accelerate 1.15 and 1.16 run its FSDP plugin on GPUs only: on a CPU, `accelerate launch --use_fsdp` falls
+accelerate 1.15 and 1.16 run their FSDP plugin on GPUs only: on a CPU, `accelerate launch --use_fsdp` falls
 back to DDP. The losses file records the bytes of weights each process holds. Either way the
 adapter is saved with lk.save_adapter, so lk.load_adapter loads it.
 """
