@@ -1,4 +1,5 @@
 """The workbook's small data sets (see data/*/DATASHEET.md), loaded with their rows checked."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -137,3 +138,21 @@ def probe_score(answers, rows):
     """Fraction of forgetting-probe questions answered right."""
     right = probe_correct(answers, rows)
     return sum(right) / len(right)
+
+
+@contextlib.contextmanager
+def locked_json(path):
+    """`with locked_json(path) as result:` the JSON file's current contents ({} if it does not exist),
+    re-read under an exclusive lock and written back when the block ends, atomically: the resumable
+    cache scripts (scripts/run_peft_family.py, run_peft_fair.py) may share a file between processes,
+    and a reader never sees it half-written. POSIX only (fcntl), as those scripts are."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = json.loads(path.read_text()) if path.exists() else {}
+        yield result
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, path)                               # readers never see a half-written file

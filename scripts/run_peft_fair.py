@@ -50,8 +50,6 @@ with other settings that change results (steps, batch, grids, selection seed, to
 rather than mixed in.
 """
 import argparse
-import contextlib
-import fcntl
 import gc
 import json
 import math
@@ -59,6 +57,8 @@ import os
 import platform
 import time
 from pathlib import Path
+
+from labkit.data import locked_json
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "results" / "peft_fair.json"
 SELECTION_SEED = 100
@@ -70,24 +70,12 @@ IDENTITY = ("model", "steps", "batch_size", "selection_seed", "grids", "r", "alp
             "bottleneck", "prompt_init", "init_text", "splits", "torch")
 
 
-@contextlib.contextmanager
-def locked(path):
-    """The file's current contents, re-read and written back under a lock (two workers may share it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = json.loads(path.read_text()) if path.exists() else {}
-        yield result
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)                               # readers never see a half-written file
 
 
 def start(path, settings):
     """Create the cache with `settings`, or check an existing one was made with the same ones
     (IDENTITY); seeds and budgets may grow, and another machine is noted, not refused."""
-    with locked(path) as cache:
+    with locked_json(path) as cache:
         if not cache:
             cache.update(settings=settings, chosen_lr={}, at_edge={}, runs=[])
             return
@@ -121,7 +109,7 @@ def cached(path, **match):
 
 
 def save(path, row):
-    with locked(path) as cache:
+    with locked_json(path) as cache:
         cache["runs"] = [r for r in cache["runs"] if key(r) != key(row)] + [row]
 
 
@@ -174,7 +162,7 @@ def run_method(method, path, train, grid, steps=12, selection_seed=SELECTION_SEE
 
     for lr in grid:                                                # 1. selection
         do("select", lr, selection_seed, steps)
-    with locked(path) as cache:
+    with locked_json(path) as cache:
         best, edge = choose(cache["runs"], method, grid, selection_seed, steps)
         cache["chosen_lr"][method], cache["at_edge"][method] = best, edge
     if edge:
@@ -300,7 +288,7 @@ def main():
     train = make_train(data, probe, args.batch, args.seeds[0], name=name, device=device)
     for method in methods:
         run_method(method, args.out, train, grids[method], args.steps, args.selection_seed, args.seeds, args.budgets)
-    with locked(args.out) as cache:
+    with locked_json(args.out) as cache:
         print("chosen rates:", cache["chosen_lr"], "on an edge:", [m for m, e in cache["at_edge"].items() if e])
         runs, chosen = cache["runs"], cache["chosen_lr"]
     lk.stats.summary_table(lk.stats.method_summary(runs, chosen, steps=args.steps))

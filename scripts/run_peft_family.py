@@ -22,12 +22,8 @@ methods, OMP_NUM_THREADS=1 each; they take turns writing the file); the cache wa
 interrupted run resumes.
 """
 import argparse
-import contextlib
-import fcntl
 import gc
-import json
 import math
-import os
 import platform
 from pathlib import Path
 
@@ -49,17 +45,6 @@ def finite(loss):
     return loss if math.isfinite(loss) else math.inf
 
 
-@contextlib.contextmanager
-def locked(path):
-    """The file's current contents, re-read and written back under a lock (two workers may share it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = json.loads(path.read_text()) if path.exists() else {}
-        yield result
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)                               # readers never see a half-written file
 
 
 def main():
@@ -79,7 +64,7 @@ def main():
                 "selection": "lowest validation loss of the seed-0 runs",
                 "device": str(device), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                 "machine": platform.machine()}
-    with locked(args.out) as result:
+    with lk.data.locked_json(args.out) as result:
         if result.get("settings", {}).get("steps") != args.steps or "runs" not in result:
             result.clear()                                  # another budget, or the old format: start anew
             result.update(settings=settings, runs=[], best_lr={})
@@ -87,14 +72,14 @@ def main():
     probe = lk.data.load_probe()
 
     def runs(steps=args.steps):
-        with locked(args.out) as result:
+        with lk.data.locked_json(args.out) as result:
             return [r for r in result["runs"] if r.get("steps", args.steps) == steps]
 
     def save(row):
         row = {k: v for k, v in row.items() if k not in ("model", "tok")}
         if row["seed"] != 0:
             row.pop("answers", None)
-        with locked(args.out) as result:
+        with lk.data.locked_json(args.out) as result:
             key = lambda r: (r["method"], r["lr"], r["seed"], r.get("steps", args.steps))
             result["runs"] = [r for r in result["runs"] if key(r) != key(row)] + [row]
         done = f", test {row['exact_match']:.0%}, probe {row['probe']:.0%}" if "exact_match" in row else ""
@@ -106,7 +91,7 @@ def main():
                                batch_size=args.batch, lr=lr, seed=seed, progress=False, **kw)
 
     for method in args.longer:                                  # 3. a longer run where the budget may be short
-        with locked(args.out) as result:
+        with lk.data.locked_json(args.out) as result:
             best = result["best_lr"][method]
         if not any(r["method"] == method for r in runs(3 * args.steps)):
             row = train(method, best, 0, steps=3 * args.steps, scoring="val", measure_peak=False)
@@ -135,7 +120,7 @@ def main():
                 break
             grid = [float(f"{order[0] ** 2 / order[1]:.0e}")] if best == order[0] else \
                    [float(f"{order[-1] ** 2 / order[-2]:.0e}")]
-        with locked(args.out) as result:
+        with lk.data.locked_json(args.out) as result:
             result["best_lr"][method] = best
         done = next(r for r in runs() if r["method"] == method and r["lr"] == best and r["seed"] == 0)
         if "exact_match" not in done:
@@ -150,7 +135,7 @@ def main():
                 save(lk.finetune.finish(row, data, probe, latency=seed == 1))
                 del row
                 gc.collect()
-    with locked(args.out) as result:
+    with lk.data.locked_json(args.out) as result:
         print("best learning rates:", result["best_lr"])
 
 
