@@ -75,3 +75,21 @@ def test_a_device_without_float64_computes_on_the_cpu_in_float64(monkeypatch):
     assert torch.equal(Wr, lr.low_rank_approx(W, 3))
     sim = lk.lab.subspace_similarity(fake[:4], fake[4:8])            # chapter 7's SVD: on the CPU already
     assert torch.equal(sim, lk.lab.subspace_similarity(W[:4], W[4:8]))
+
+
+def test_the_update_spectrum_cache_is_chapter_1s_run():
+    """data/results/update_spectrum.json's 10-step row (chapter 1's solutions read it) is the row
+    chapter 1 prints for layer 10's q_proj after its own 10 steps: the same run, measured on the way."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    cache = json.loads((root / "data" / "results" / "update_spectrum.json").read_text())
+    assert cache["settings"]["steps"] == 40 and list(cache["measured"]) == ["10", "20", "40"]
+    nb = json.loads((root / "notebooks" / "01_low_rank_mathematics.ipynb").read_text())
+    printed = [line for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+               for line in "".join(o.get("text", "")).splitlines() if line.startswith("q_proj ")]
+    assert len(printed) == 1, printed
+    rank90, top8 = printed[0].split()[3], printed[0].split()[5]     # q_proj (576, 576) r90 random top8 random
+    ten = cache["measured"]["10"]
+    assert (int(rank90), float(top8)) == (ten["layer10_rank90"], round(ten["layer10_top8"], 2))
+    assert len(ten["top8_by_layer"]) == 30 and len(cache["losses"]) == 40
