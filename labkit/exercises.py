@@ -41,18 +41,61 @@ def check_full_finetune_bytes(fn):
 # Chapter 1 ----------------------------------------------------------------------------------
 
 def check_low_rank_approx(fn):
-    """fn(W, r) -> the best rank-r approximation of W."""
+    """fn(W, r) -> W_r, the best rank-r approximation of W (d x k, float64): the top r singular
+    triplets of its SVD, W_r = U[:, :r] diag(s[:r]) Vh[:r, :]. Checked to 1e-8 (max abs) against
+    labkit's truncated SVD on matrices you do not see, square and not, with a diagnosis when wrong."""
     g = torch.Generator().manual_seed(0)
-    for shape, r in (((12, 8), 3), ((30, 50), 1), ((20, 20), 20)):
+    for shape, r in (((12, 8), 3), ((30, 50), 1), ((20, 20), 20), ((40, 16), 5)):
         W = torch.randn(*shape, generator=g, dtype=torch.float64)
-        done, got = _attempt(fn, W, r)
+        done, got = _attempt(fn, W.clone(), r)
         if not done:
             return _todo("rank-r approximation")
         want = lowrank.low_rank_approx(W, r)
-        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, (
+            f"for a {shape} matrix you returned {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}, "
+            f"expected {tuple(want.shape)}: W_r has W's shape")
+        assert got.dtype == W.dtype, f"you returned {got.dtype} for a {W.dtype} matrix: keep W's dtype"
         err = (got - want).abs().max().item()
-        assert err < 1e-8, f"for a {shape} matrix at r={r} your approximation is off by {err:.2e} (max abs)"
+        if err < 1e-8:
+            continue
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        rank = int(torch.linalg.matrix_rank(got, rtol=1e-5).item())       # float32 round-off is not rank
+        hints = [(rank > r, f"your matrix has rank {rank}, more than r = {r}: keep only r singular triplets"),
+                 ((got - U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:]).abs().max() < 1e-8,
+                  "you kept the r SMALLEST singular values: torch.linalg.svd returns them largest first"),
+                 ((got - U[:, :r] @ Vh[:r]).abs().max() < 1e-8, "the singular values are missing: U_r diag(s_r) Vh_r"),
+                 (err < 1e-4, "close, but not to 1e-8: compute in W's dtype (float64 here), not float32")]
+        hint = next((h for cond, h in hints if cond), "the top-r triplets of torch.linalg.svd(W, full_matrices=False)")
+        raise AssertionError(f"for a {shape} matrix at r={r} your approximation is off by {err:.2e} (max abs): {hint}")
     return _ok("your truncated SVD is the Eckart-Young optimum (to 1e-8)")
+
+
+def check_eckart_young_error(fn):
+    """fn(S, r) -> ||W - W_r||_F predicted from the singular values S alone (1-D, largest first):
+    sqrt(s_{r+1}^2 + ... + s_n^2). Checked to 1e-9 relative, against the error of the truncated SVD
+    measured on the matrix itself, with a diagnosis when wrong."""
+    g = torch.Generator().manual_seed(1)
+    for shape, r in (((12, 8), 3), ((30, 50), 1), ((20, 20), 20), ((16, 40), 0), ((9, 9), 8)):
+        W = torch.randn(*shape, generator=g, dtype=torch.float64)
+        S = lowrank.singular_values(W)
+        done, got = _attempt(fn, S.clone(), r)
+        if not done:
+            return _todo("the Eckart-Young error")
+        want = torch.linalg.norm(W - lowrank.low_rank_approx(W, r)).item()     # measured, not a formula
+        got = float(got)
+        if math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9):
+            continue
+        dropped = S[r:]
+        near = lambda x: math.isclose(got, float(x), rel_tol=1e-9, abs_tol=1e-9)   # noqa: E731
+        hints = [(near(dropped.pow(2).sum()), "that is the squared error: take the square root"),
+                 (near(dropped.sum()), "the singular values must be squared before they are added (energy is s^2)"),
+                 (near(S[:r].pow(2).sum().sqrt()), "that is what the approximation keeps: the error is what it drops"),
+                 (near(S[r + 1:].pow(2).sum().sqrt()) or (r > 0 and near(S[r - 1:].pow(2).sum().sqrt())),
+                  "off by one: the dropped values are s_{r+1} ... s_n, that is S[r:] in Python")]
+        hint = next((h for cond, h in hints if cond), "sqrt of the sum of the squared singular values after the r-th")
+        raise AssertionError(f"for a {shape} matrix at r={r} you predicted {got:.6g}; the truncated SVD's error "
+                             f"is {want:.6g}: {hint}")
+    return _ok("your prediction from the singular values alone equals the measured error (Eckart-Young)")
 
 
 def check_lora_savings(fn):
@@ -171,6 +214,146 @@ def check_qlora_weight_bytes(fn):
             assert math.isclose(got, n * bits / 8, rel_tol=1e-6), \
                 f"for {n:,} parameters (double_quant={dq}) you gave {got:,.0f} bytes; expected {n * bits / 8:,.0f}"
     _ok("NF4 weights: n x 4.5 / 8 bytes, or n x 4.127 / 8 with double quantization")
+
+
+def _first_wrong(got, want, atol, rtol=0.0):
+    """None if got matches want within atol + rtol * |want|; else a message naming the first wrong element."""
+    bad = ((got - want).abs() > atol + rtol * want.abs()) | (got.isnan() != want.isnan())
+    if not bad.any():
+        return None
+    i = tuple(int(j) for j in bad.nonzero()[0])
+    return (f"first wrong element at index {i}: yours {got[i].item():.6g}, expected {want[i].item():.6g} "
+            f"({int(bad.sum())} of {bad.numel()} elements off by more than {atol:g})")
+
+
+def _bnb_peft_stack(weights, As, Bs, r, alpha):
+    """The reference for check_nf4_matmul: bitsandbytes' Linear4bit layers (NF4, blocks of 64, fp32
+    compute, the path that dequantizes exactly) in a stack, with peft's LoRA on each."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from .bnb_cpu import bnb_exact_on_cpu
+
+    class Stack(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    layers = []
+    for W in weights:
+        l4 = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=False, compute_dtype=torch.float32,
+                               compress_statistics=False, quant_type="nf4")
+        l4.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False,
+                                      blocksize=64)
+        layers.append(l4.to("cpu"))
+    names = [str(i) for i in range(len(weights))]
+    model = bnb_exact_on_cpu(get_peft_model(Stack(layers), LoraConfig(r=r, lora_alpha=alpha, target_modules=names)))
+    lora = [model.base_model.model.layers[i] for i in range(len(weights))]
+    with torch.no_grad():
+        for layer, A, B in zip(lora, As, Bs):
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+    return model, lora
+
+
+def check_nf4_matmul(Function):
+    """Function: a torch.autograd.Function whose apply(x, packed, state) computes x W^T for the NF4
+    weight W that (packed, state) = lk.quantize_nf4(W, 64) holds: x (..., in) -> (..., out). Its
+    forward saves what backward needs without the dequantized W; its backward returns
+    (grad of x, None, None), dequantizing W again.
+
+    Checked in a stack of two or three 4-bit layers with LoRA on each, against bitsandbytes'
+    Linear4bit with peft's LoRA holding the same weights, A and B: the output, the gradient of every
+    A and B (the first layer's reach it only through your backward) and of the input, within 1e-5
+    + 1e-5 x |value| (fp32); and no saved tensor as large as W."""
+    from .measure import count_saved_tensors
+    from .quant import dequantize_nf4, quantize_nf4
+    g = torch.Generator().manual_seed(5)
+    cases = (((5,), (64, 64, 64)), ((2, 3), (128, 64, 192)), ((4,), (64, 128, 64, 128)))   # square first
+    r, alpha = 4, 8
+    for batch, dims in cases:
+        Ws = [torch.randn(dims[i + 1], dims[i], generator=g) / dims[i] ** 0.5 for i in range(len(dims) - 1)]
+        As = [torch.randn(r, W.shape[1], generator=g) * 0.1 for W in Ws]
+        Bs = [torch.randn(W.shape[0], r, generator=g) * 0.1 for W in Ws]   # a non-zero B, so gradients flow to A
+        x = torch.randn(*batch, dims[0], generator=g)
+        quantized = [quantize_nf4(W, 64) for W in Ws]
+        # yours: each layer is your 4-bit matmul plus LoRA, written out
+        mine_A = [A.clone().requires_grad_() for A in As]
+        mine_B = [B.clone().requires_grad_() for B in Bs]
+        h = x_mine = x.clone().requires_grad_()
+        for i, ((packed, state), A, B) in enumerate(zip(quantized, mine_A, mine_B)):
+            try:
+                with count_saved_tensors() as saved:
+                    y = Function.apply(h, packed, state)
+            except NotImplementedError:
+                return _todo("the 4-bit matmul with its own backward")
+            want_shape = (*h.shape[:-1], Ws[i].shape[0])
+            assert isinstance(y, torch.Tensor) and tuple(y.shape) == want_shape, (
+                f"layer {i}: for x of shape {tuple(h.shape)} and W of shape {tuple(Ws[i].shape)} (out x in) your forward "
+                f"returned {tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}; expected "
+                f"{want_shape}: y = x W^T")
+            assert y.dtype == h.dtype, f"layer {i}: your forward returned {y.dtype} for an input of {h.dtype}"
+            assert y.grad_fn is not None, ("your output has no grad_fn: call it as Function.apply(x, packed, state), "
+                                           "and return a tensor computed from x")
+            kept = [v for v in vars(y.grad_fn).values() if isinstance(v, torch.Tensor)]
+            big = [t for t in kept if t.is_floating_point() and t.numel() >= Ws[i].numel()]
+            assert not big and saved["bytes"] < 2 * Ws[i].numel(), (                 # bf16 W: 2 bytes a weight
+                f"layer {i}: your forward kept {saved['bytes'] + sum(t.nbytes for t in kept):,} bytes for backward, "
+                f"{'including a float tensor as large as W' if big else 'as much as W in 16 bits or more'} "
+                f"({Ws[i].numel() * 4:,} bytes in fp32). Save packed (and keep state), and dequantize again in "
+                "backward: that is what makes a frozen 4-bit layer cost only its packed bytes between the passes")
+            probe = h.detach().clone().requires_grad_()                   # this layer's backward, alone
+            try:
+                Function.apply(probe, packed, state).sum().backward()
+            except RuntimeError as e:
+                raise AssertionError(f"layer {i}: your backward failed: {str(e).splitlines()[0]}. It gets grad_y "
+                                     "(..., out) and must return one gradient per input of forward: "
+                                     "(grad_y W, None, None), where W is out x in") from None
+            assert probe.grad is not None, (
+                f"layer {i}: your backward returned None as the gradient of x. The base weight is frozen, but x is "
+                "not: every layer before this one learns through grad_x = grad_y W")
+            bad = _first_wrong(probe.grad, torch.ones_like(y) @ dequantize_nf4(packed, state), 1e-5, 1e-5)
+            assert bad is None, (f"layer {i}: your backward's gradient of x is wrong: {bad}. It is grad_y W (W out x "
+                                 "in, dequantized again in backward), not grad_y W^T, and not scaled")
+            h = y + (alpha / r) * (h @ A.T) @ B.T
+        out_mine = h
+        # the reference: bitsandbytes + peft, the same weights, A and B
+        ref, lora = _bnb_peft_stack(Ws, As, Bs, r, alpha)
+        x_ref = x.clone().requires_grad_()
+        out_ref = ref(x_ref)
+        bad = _first_wrong(out_mine.detach(), out_ref.detach(), 1e-5, 1e-5)
+        deq = max((dequantize_nf4(p, s) - W).abs().max().item() for (p, s), W in zip(quantized, Ws))
+        assert bad is None, (f"the stack's output differs from bitsandbytes + peft: {bad}. Is W dequantized with "
+                             f"lk.dequantize_nf4(packed, state) (it is within {deq:.2g} of the fp32 W here), and is it "
+                             "x W^T, not x W?")
+        try:
+            out_mine.pow(2).mean().backward()
+        except RuntimeError as e:
+            raise AssertionError(f"your backward failed: {str(e).splitlines()[0]}. It gets grad_y (..., out) and must "
+                                 "return one gradient per input of forward: (grad_y W, None, None), where W is "
+                                 "out x in") from None
+        out_ref.pow(2).mean().backward()
+        n = len(Ws)
+        for i in reversed(range(n)):                                     # the last layer first: it needs no backward of yours
+            for name, mine, theirs in (("B", mine_B[i], lora[i].lora_B["default"].weight),
+                                       ("A", mine_A[i], lora[i].lora_A["default"].weight)):
+                assert mine.grad is not None and mine.grad.abs().sum() > 0, (
+                    f"layer {i}'s LoRA {name} got no gradient: the gradient to every layer before the last flows "
+                    "through your backward's grad of x. Does it return grad_y W, or None?")
+                bad = _first_wrong(mine.grad, theirs.grad, 1e-5, 1e-5)
+                assert bad is None, (
+                    f"the gradient of layer {i}'s LoRA {name} (of {n} layers) differs from peft's: {bad}. "
+                    + ("The last layer's gradients do not use your backward: check the forward." if i == n - 1 else
+                       "Layers after it are right, so your backward's grad of x is wrong: it is grad_y W "
+                       "(W out x in, dequantized in backward), not grad_y W^T, and not scaled"))
+        bad = _first_wrong(x_mine.grad, x_ref.grad, 1e-5, 1e-5)
+        assert bad is None, f"the gradient of the input differs from bitsandbytes': {bad}"
+    return _ok("your 4-bit matmul and its backward match bitsandbytes' Linear4bit with peft's LoRA (to 1e-5), "
+               "and keep no dequantized weight for backward")
 
 
 def check_lora_grad_flow(model):
@@ -373,6 +556,73 @@ def check_rank_under_budget(fn):
     return _ok("the adapters' bill grows linearly in r: 16 bytes x r x sum(in + out) over targets and layers")
 
 
+def check_virtual_tokens(fn):
+    """fn(embeds, attention_mask, labels, prompt) -> (embeds, attention_mask, labels) with prompt
+    tuning's n virtual tokens in front of every row: embeds (B, T, d), attention_mask (B, T),
+    labels (B, T), prompt (n, d) -> (B, n + T, d), (B, n + T), (B, n + T).
+
+    Checked on a small random Llama against peft's prompt tuning (PromptTuningConfig) holding the
+    same virtual tokens: the logits within 1e-5, the loss within 1e-6 relative, and the gradient of
+    the virtual tokens within 1e-5 of its largest value; and, before that, the shapes, dtypes and
+    values of what you return."""
+    from peft import PromptTuningConfig, get_peft_model
+    from .models import tiny_llama
+    g = torch.Generator().manual_seed(8)
+    for B, T, n, pad in ((2, 7, 4, (0, 2)), (3, 5, 6, (1, 0, 3)), (1, 9, 1, (0,))):
+        ids = torch.randint(0, 256, (B, T), generator=g)
+        mask = torch.ones(B, T, dtype=torch.long)
+        for b, p in enumerate(pad):                                   # right padding, as training batches have
+            if p:
+                mask[b, -p:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :2] = -100                                           # a prompt the loss does not see
+        theirs = get_peft_model(tiny_llama(seed=1), PromptTuningConfig(num_virtual_tokens=n, task_type="CAUSAL_LM"))
+        prompt_ref = theirs.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            prompt_ref.copy_(0.5 * torch.randn(n, prompt_ref.shape[1], generator=g))
+        model = tiny_llama(seed=1).requires_grad_(False)
+        prompt = prompt_ref.detach().clone().requires_grad_()
+        embeds = model.get_input_embeddings()(ids)
+        done, got = _attempt(fn, embeds, mask.clone(), labels.clone(), prompt)
+        if not done:
+            return _todo("the virtual tokens of prompt tuning")
+        assert isinstance(got, (tuple, list)) and len(got) == 3, \
+            "return three things: (embeds, attention_mask, labels), each with the n virtual tokens in front"
+        e, m, lab = got
+        d = embeds.shape[-1]
+        for what, t, shape in (("embeds", e, (B, n + T, d)), ("attention_mask", m, (B, n + T)),
+                               ("labels", lab, (B, n + T))):
+            assert isinstance(t, torch.Tensor) and tuple(t.shape) == shape, (
+                f"for a batch of {B} rows of {T} tokens and {n} virtual tokens, your {what}: shape "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}, expected {shape}"
+                + (": the prompt is (n, d), one copy in front of every row (expand it over the batch)"
+                   if what == "embeds" else ""))
+        assert m.dtype == mask.dtype and lab.dtype == labels.dtype, (
+            f"keep the dtypes: attention_mask {m.dtype} (given {mask.dtype}), labels {lab.dtype} (given {labels.dtype})")
+        assert e.grad_fn is not None, ("your embeds carry no gradient back to the prompt: concatenate the prompt "
+                                       "tensor itself (torch.cat), not a detached copy or its .data")
+        assert torch.equal(m[:, n:], mask) and torch.equal(lab[:, n:], labels) and torch.equal(e[:, n:], embeds), (
+            "the last T positions must be the input as it was: the virtual tokens go in FRONT of each row")
+        assert torch.equal(m[:, :n], torch.ones_like(m[:, :n])), (
+            f"the attention mask of the virtual tokens is {m[0, :n].tolist()}: it must be 1, or no token attends to them")
+        assert (lab[:, :n] == -100).all(), (
+            f"the labels of the virtual tokens are {lab[0, :n].tolist()}: they must be -100 (the loss ignores them; "
+            "there is no token to predict there)")
+        bad = _first_wrong(e[:, :n].detach(), prompt.detach().expand(B, -1, -1), 0.0)
+        assert bad is None, f"the first n embeddings of every row must be the prompt, in order: {bad}"
+        mine, ref = model(inputs_embeds=e, attention_mask=m, labels=lab), theirs(input_ids=ids, attention_mask=mask,
+                                                                              labels=labels)
+        bad = _first_wrong(mine.logits.detach(), ref.logits.detach(), 1e-5)
+        assert bad is None, f"the logits differ from peft's prompt tuning: {bad}"
+        assert math.isclose(mine.loss.item(), ref.loss.item(), rel_tol=1e-6), \
+            f"your loss {mine.loss.item():.6f}, peft's {ref.loss.item():.6f}"
+        mine.loss.backward()
+        ref.loss.backward()
+        bad = _first_wrong(prompt.grad, prompt_ref.grad, 1e-5 * prompt_ref.grad.abs().max().item())
+        assert bad is None, f"the gradient of the virtual tokens differs from peft's: {bad}"
+    return _ok("your virtual tokens give peft's prompt tuning: the same logits, loss and gradient of the prompt")
+
+
 # Chapter 9 ----------------------------------------------------------------------------------
 
 def check_router(fn, need=0.95):
@@ -432,3 +682,99 @@ def check_fsdp_bytes(fn):
             f"{got:,.0f} bytes, expected {want:,.0f}. Under FSDP everything is divided by the GPUs: weights, "
             "2-byte gradients and 12 bytes of AdamW states per trained parameter")
     return _ok("FSDP: (weights + 2 + 12 bytes per trained parameter) / GPUs")
+
+
+def _peft_adapters_on_one_layer(W0, adapters):
+    """peft's LoRA on one nn.Linear holding W0, one named adapter per (A, B, alpha) in `adapters`
+    (each at its own rank): the reference for check_mixed_lora."""
+    from peft import LoraConfig, get_peft_model
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(W0.shape[1], W0.shape[0], bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    holder = Holder()
+    with torch.no_grad():
+        holder.proj.weight.copy_(W0)
+    model = None
+    for k, (A, B, alpha) in enumerate(adapters):
+        config = LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"])
+        if model is None:
+            model = get_peft_model(holder, config, adapter_name=str(k))
+        else:
+            model.add_adapter(str(k), config)
+        layer = model.base_model.model.proj
+        with torch.no_grad():
+            layer.lora_A[str(k)].weight.copy_(A)
+            layer.lora_B[str(k)].weight.copy_(B)
+    return model.eval()
+
+
+def check_mixed_lora(fn):
+    """fn(x, W0, A, B, scaling, index) -> h, one forward pass of a batch whose rows each use their
+    own LoRA adapter:  h[b] = x[b] W0^T + scaling[k] x[b] A[k]^T B[k]^T  with k = index[b], and
+    h[b] = x[b] W0^T where index[b] = -1 (the base alone).
+    x (batch, tokens, in); W0 (out, in); A (n_adapters, r_max, in); B (n_adapters, out, r_max),
+    adapters of smaller rank zero-padded to r_max; scaling (n_adapters,); index (batch,) long.
+
+    Checked against each row run alone through peft, with that row's adapter set (or peft's
+    adapters disabled for -1), within 1e-5 + 1e-5 x |value| (fp32)."""
+    g = torch.Generator().manual_seed(9)
+    cases = (((5, 3), 16, 12, (4, 8, 2), (8, 16, 2), [0, 2, -1, 1, 0]),
+             ((4, 1), 24, 24, (2, 2), (4, 2), [1, 1, 0, -1]),
+             ((3, 2), 8, 10, (3,), (6,), [-1, 0, -1]))
+    for (batch, tokens), d_in, d_out, ranks, alphas, index in cases:
+        W0 = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+        adapters = [(torch.randn(r, d_in, generator=g) / d_in ** 0.5, torch.randn(d_out, r, generator=g) * 0.5, a)
+                    for r, a in zip(ranks, alphas)]
+        r_max = max(ranks)
+        A = torch.zeros(len(ranks), r_max, d_in)
+        B = torch.zeros(len(ranks), d_out, r_max)
+        for k, (a, b, _) in enumerate(adapters):
+            A[k, :a.shape[0]], B[k, :, :b.shape[1]] = a, b
+        scaling = torch.tensor([alpha / r for r, alpha in zip(ranks, alphas)])
+        x = torch.randn(batch, tokens, d_in, generator=g)
+        idx = torch.tensor(index)
+        done, got = _attempt(fn, x, W0.clone(), A.clone(), B.clone(), scaling.clone(), idx.clone())
+        if not done:
+            return _todo("the mixed-adapter forward pass")
+        assert isinstance(got, torch.Tensor) and tuple(got.shape) == (batch, tokens, d_out), (
+            f"for x of shape {tuple(x.shape)}, W0 {tuple(W0.shape)} (out x in), A {tuple(A.shape)} and "
+            f"B {tuple(B.shape)} you returned {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}"
+            f"; expected {(batch, tokens, d_out)}: one row of out values per token")
+        peft_model = _peft_adapters_on_one_layer(W0, adapters)
+        with torch.no_grad():
+            for b, k in enumerate(index):
+                if k < 0:
+                    with peft_model.disable_adapter():
+                        want = peft_model(x[b:b + 1])[0]
+                else:
+                    peft_model.set_adapter(str(k))
+                    want = peft_model(x[b:b + 1])[0]
+                bad = _first_wrong(got[b], want, 1e-5, 1e-5)
+                if bad is None:
+                    continue
+                base_only = (got[b] - x[b] @ W0.T).abs().max() <= 1e-5
+                other = [j for j in range(len(ranks)) if j != k and (
+                    got[b] - x[b] @ W0.T - scaling[j] * x[b] @ A[j].T @ B[j].T).abs().max() <= 1e-4]
+                if k < 0:
+                    hint = (f"Index -1 means the base alone, but your row used adapter {other[0]}"
+                            + (" (A[-1] is the last adapter in Python: mask the rows with index -1)"
+                               if other == [len(ranks) - 1] else "") if other else
+                            "Index -1 means the base alone: x W0^T and nothing added")
+                elif base_only:
+                    hint = f"Your row is the base alone, without adapter {k}'s update"
+                elif other:
+                    hint = (f"Your row used adapter {other[0]}'s A and B, not its own ({k}): each row gathers "
+                            "A[index[b]] and B[index[b]]")
+                else:
+                    hint = (f"Each row adds scaling[k] x A[k]^T B[k]^T, with its own adapter's scaling "
+                            f"({scaling[k].item():g} for adapter {k}), to x W0^T")
+                raise AssertionError(f"row {b} (adapter {k}, of a batch using {index}) differs from that row run "
+                                     f"alone through peft: {bad}. {hint}")
+    return _ok("each row of your mixed batch equals that row run alone through peft with its adapter "
+               "(to 1e-5), the base-alone rows too")

@@ -195,3 +195,36 @@ def test_chapter9_checkers(capsys):
         ex.check_fsdp_bytes(lambda n, t, g, b: sum(per_device_bill(n, t, g, 0, param_bytes=b).values()))
     ex.check_fsdp_bytes(todo)
     assert "not attempted" in capsys.readouterr().out
+
+
+def test_low_rank_lab_refuses_typical_mistakes_and_says_which():
+    def svd(W):
+        return torch.linalg.svd(W, full_matrices=False)
+
+    def by_outer_products(W, r):                                     # right, written as a sum of rank-1 pieces
+        U, S, Vh = svd(W)
+        return sum(S[i] * torch.outer(U[:, i], Vh[i]) for i in range(r))
+
+    ex.check_low_rank_approx(by_outer_products)
+    wrong = {"SMALLEST": lambda W, r: (lambda U, S, Vh: U[:, -r:] * S[-r:] @ Vh[-r:])(*svd(W)),
+             "singular values are missing": lambda W, r: (lambda U, S, Vh: U[:, :r] @ Vh[:r])(*svd(W)),
+             "more than r": lambda W, r: W,
+             "not float32": lambda W, r: (lambda U, S, Vh: (U[:, :r] * S[:r] @ Vh[:r]).double())(*svd(W.float())),
+             "keep W's dtype": lambda W, r: (lambda U, S, Vh: U[:, :r] * S[:r] @ Vh[:r])(*svd(W.float()))}
+    for message, fn in wrong.items():
+        with pytest.raises(AssertionError, match=message):
+            ex.check_low_rank_approx(fn)
+
+
+def test_eckart_young_lab_refuses_typical_mistakes_and_says_which(capsys):
+    ex.check_eckart_young_error(lambda S, r: math.sqrt(sum(s * s for s in S.tolist()[r:])))   # a loop, not torch
+    assert "✓" in capsys.readouterr().out
+    ex.check_eckart_young_error(todo)
+    assert "not attempted" in capsys.readouterr().out
+    wrong = {"take the square root": lambda S, r: S[r:].pow(2).sum(),
+             "must be squared": lambda S, r: S[r:].sum(),
+             "what the approximation keeps": lambda S, r: S[:r].pow(2).sum().sqrt(),
+             "off by one": lambda S, r: S[r + 1:].pow(2).sum().sqrt()}
+    for message, fn in wrong.items():
+        with pytest.raises(AssertionError, match=message):
+            ex.check_eckart_young_error(fn)
