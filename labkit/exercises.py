@@ -24,6 +24,27 @@ def _todo(name):
     print(f"… {name}: not attempted yet (replace the NotImplementedError with your code)")
 
 
+def _first_wrong(got, want, atol, rtol=0.0):
+    """None if got and want agree elementwise within atol + rtol * |want|; otherwise a sentence that
+    names how many elements differ and the first of them: its index and both values."""
+    bad = ~torch.isclose(got.double(), want.double(), rtol=rtol, atol=atol)
+    if not bad.any():
+        return None
+    i = tuple(int(v) for v in bad.nonzero()[0])
+    return (f"{int(bad.sum())} of {bad.numel()} elements differ; the first at index {list(i)}: "
+            f"yours {got[i].item():.6g}, expected {want[i].item():.6g}")
+
+
+def _ratio(got, want):
+    """k if got is k * want (to 1e-4 of want's norm), else None: an update scaled wrongly shows up as k != 1."""
+    got, want = got.double().reshape(-1), want.double().reshape(-1)
+    if want.norm() == 0:
+        return None
+    k = (got @ want / (want @ want)).item()
+    return k if (got - k * want).norm() <= 1e-4 * want.norm() else None
+
+
+
 # Chapter 0 ----------------------------------------------------------------------------------
 
 def check_full_finetune_bytes(fn):
@@ -139,6 +160,201 @@ def check_rslora_scaling(fn):
     return _ok("rsLoRA scales by alpha / sqrt(r)")
 
 
+# Build it (chapter 2): a LoRA layer of your own, checked against peft's lora.Linear. The hidden
+# cases: (in, out, r, alpha, bias, batch shape of x). Every scaling alpha / r differs from 1, so a
+# forgotten scaling shows; the shapes are small, so the whole check takes well under a second once
+# peft is imported.
+LORA_CASES = ((16, 12, 4, 8, True, (5,)), (8, 20, 2, 1, False, (2, 3)), (24, 24, 3, 12, True, (4,)))
+LORA_TOL = dict(rtol=1e-5, atol=1e-5)        # outputs and gradients, fp32 (as tests/test_peft_parity.py)
+MERGE_TOL = dict(rtol=1e-6, atol=1e-6)       # merged and restored weights
+
+
+def _peft_twin(W0, b, A, B, r, alpha):
+    """peft's lora.Linear around a fresh nn.Linear holding W0 and b, with A and B copied in."""
+    import torch.nn as nn
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class Holder(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+    lin = nn.Linear(W0.shape[1], W0.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(W0)
+        if b is not None:
+            lin.bias.copy_(b)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, bias="none")
+    twin = inject_adapter_in_model(config, Holder(lin)).lin
+    with torch.no_grad():
+        twin.lora_A["default"].weight.copy_(A)
+        twin.lora_B["default"].weight.copy_(B)
+    return twin
+
+
+def _check_factor(layer, name, shape, where):
+    t = getattr(layer, name, None)
+    assert isinstance(t, torch.Tensor), (f"{where}: your layer has no tensor {name}; the lab's interface names the "
+                                         "factors lora_A (r x in) and lora_B (out x r), as nn.Parameter")
+    assert isinstance(t, torch.nn.Parameter), (f"{where}: {name} is a plain tensor; make it an nn.Parameter, so "
+                                               "that layer.parameters() (and so the optimizer) sees it")
+    if tuple(t.shape) == shape[::-1] and shape[0] != shape[1]:
+        role = "r x in: A maps an input of in values down to r" if name == "lora_A" else \
+            "out x r: B maps the r values up to out"
+        raise AssertionError(f"{where}: {name} has shape {tuple(t.shape)}, transposed: expected {shape} ({role})")
+    assert tuple(t.shape) == shape, f"{where}: {name} has shape {tuple(t.shape)}, expected {shape}"
+    assert t.dtype == torch.float32, f"{where}: {name} is {t.dtype}, expected torch.float32 (the base layer's dtype)"
+    return t
+
+
+def _check_lora_start(layer, base, r, alpha, where):
+    A = _check_factor(layer, "lora_A", (r, base.in_features), where)
+    B = _check_factor(layer, "lora_B", (base.out_features, r), where)
+    assert B.abs().max() == 0, (f"{where}: lora_B starts at max |B| = {B.abs().max().item():.3g}, not 0. With B = 0, "
+                                "B A = 0 and the layer starts exactly as the pretrained W0; a random B starts "
+                                "from a damaged model (section 3's `random` init)")
+    assert A.abs().max() > 0, (f"{where}: lora_A is all zeros. With A = 0 and B = 0 neither factor ever gets a "
+                               "gradient (section 3's `zeros` init): initialise A at random, as peft does with "
+                               "nn.init.kaiming_uniform_(A, a=math.sqrt(5))")
+    trains = [n for n, p in layer.named_parameters() if p.requires_grad]
+    extra = [n for n, p in layer.named_parameters() if p.requires_grad and p is not A and p is not B]
+    assert not extra, (f"{where}: these parameters train too: {extra}. Freeze the wrapped layer "
+                       "(base.requires_grad_(False)): only lora_A and lora_B train")
+    assert len(trains) == 2, f"{where}: lora_A and lora_B must both require grad; trainable: {trains}"
+    scaling = getattr(layer, "scaling", None)
+    assert scaling is not None, f"{where}: your layer has no attribute `scaling` (alpha / r = {alpha / r:g})"
+    assert math.isclose(float(scaling), alpha / r, rel_tol=1e-6), \
+        f"{where}: scaling is {float(scaling):g}; expected alpha / r = {alpha} / {r} = {alpha / r:g}"
+    return A, B
+
+
+def _diagnose_update(got, want, base_out, scaling, when):
+    """What is wrong with an output that differs from peft's: the update missing, scaled, or else."""
+    k = _ratio(got - base_out, want - base_out)
+    if k is not None and abs(k) < 1e-6:
+        return f"{when} your output is W0 x + b alone: the update scaling * B A x is missing"
+    if k is not None and math.isclose(k, 1 / scaling, rel_tol=1e-3):
+        return (f"{when} your update B A x is {k:.3g} times peft's: multiply it by scaling = alpha / r = {scaling:g}")
+    if k is not None and math.isclose(k, 2, rel_tol=1e-3):
+        return f"{when} your output adds the update twice (2 x scaling * B A x)"
+    if k is not None:
+        return f"{when} your update is {k:.4g} times peft's scaling * B A x (scaling = alpha / r = {scaling:g})"
+    return f"{when} your output differs from peft's: " + _first_wrong(got, want, **LORA_TOL)
+
+
+def check_lora_linear(cls):
+    """Build it, chapter 2. cls(base: nn.Linear, r, alpha) -> your LoRA layer, with lora_A (r, in) and
+    lora_B (out, r) as nn.Parameter, scaling = alpha / r, forward(x: (..., in)) -> (..., out),
+    merge() (W0 += scaling * B A) and unmerge() (W0 back). Checked against peft's lora.Linear with the
+    same W0, A and B: outputs and the gradients of A and B within 1e-5 (fp32, absolute + relative),
+    merged weights within 1e-6 of peft's merge(), W0 restored within 1e-6 by unmerge()."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    passed = []
+    for d_in, d_out, r, alpha, bias, batch in LORA_CASES:
+        where = f"in={d_in}, out={d_out}, r={r}, alpha={alpha}"
+        base = nn.Linear(d_in, d_out, bias=bias)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in))
+            if bias:
+                base.bias.copy_(torch.randn(d_out, generator=g))
+        W0, b = base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone()
+        x = torch.randn(*batch, d_in, generator=g)
+        base_out = F.linear(x, W0, b)
+        done, layer = _attempt(cls, base, r, alpha)
+        if not done:
+            return _todo("your LoRA layer")
+        A, B = _check_lora_start(layer, base, r, alpha, where)
+
+        done, h = _attempt(layer, x)                                     # 1. it starts at W0
+        if not done:
+            return _todo("your LoRA layer's forward")
+        assert isinstance(h, torch.Tensor), f"{where}: forward returned {type(h).__name__}, not a tensor"
+        assert tuple(h.shape) == (*batch, d_out), (f"{where}: for x of shape {tuple(x.shape)} your output has shape "
+                                                   f"{tuple(h.shape)}, expected {(*batch, d_out)}")
+        assert h.dtype == torch.float32, f"{where}: your output is {h.dtype}, expected torch.float32"
+        wrong = _first_wrong(h.detach(), base_out, **LORA_TOL)
+        assert wrong is None, f"{where}: with B = 0 your layer should give W0 x + b, the base layer's output: {wrong}"
+
+        with torch.no_grad():                                            # as if trained: B != 0
+            B.copy_(torch.randn(d_out, r, generator=g) * 0.5)
+        twin = _peft_twin(W0, b, A.detach(), B.detach(), r, alpha)
+        scaling = alpha / r
+        probe = torch.randn(*batch, d_out, generator=g)                  # loss = sum(h * probe)
+        h, want = layer(x), twin(x)
+        assert h.shape == want.shape, f"{where}: output shape {tuple(h.shape)}, peft's {tuple(want.shape)}"
+        if _first_wrong(h.detach(), want.detach(), **LORA_TOL):          # 2. outputs, as peft's
+            raise AssertionError(f"{where}, B != 0: " + _diagnose_update(h.detach(), want.detach(), base_out, scaling,
+                                                                          "before merging,"))
+        (h * probe).sum().backward()                                     # 3. gradients, as peft's
+        (want * probe).sum().backward()
+        for name, mine, theirs in (("lora_A", A, twin.lora_A["default"].weight),
+                                   ("lora_B", B, twin.lora_B["default"].weight)):
+            assert mine.grad is not None, (f"{where}: {name} received no gradient: use it in forward as it is "
+                                           "(not detached, not through .data)")
+            wrong = _first_wrong(mine.grad, theirs.grad, **LORA_TOL)
+            if wrong:
+                k = _ratio(mine.grad, theirs.grad)
+                hint = f" (yours is {k:.4g} times peft's)" if k is not None else ""
+                raise AssertionError(f"{where}: the gradient of {name} differs from peft's{hint}: {wrong}")
+        for name, p in base.named_parameters():
+            assert p.grad is None, f"{where}: the frozen base.{name} received a gradient: freeze the base layer"
+
+        done, _ = _attempt(layer.merge)                                  # 4. merge, as peft's
+        if not done:
+            _ok("your layer starts at W0 and matches peft's outputs and gradients of A and B (to 1e-5)")
+            return _todo("merge() and unmerge()")
+        twin.merge()
+        W_merged, W_peft = layer.base.weight if hasattr(layer, "base") else base.weight, twin.get_base_layer().weight
+        assert tuple(W_merged.shape) == tuple(W0.shape), f"{where}: after merge() W has shape {tuple(W_merged.shape)}"
+        wrong = _first_wrong(W_merged.detach(), W_peft.detach(), **MERGE_TOL)
+        if wrong:
+            k = _ratio(W_merged.detach() - W0, W_peft.detach() - W0)
+            if k is not None and abs(k) < 1e-6:
+                raise AssertionError(f"{where}: merge() left the base weight W0 as it was: add scaling * B @ A to "
+                                     "base.weight, in place (under torch.no_grad())")
+            if k is not None and math.isclose(k, 1 / scaling, rel_tol=1e-3):
+                raise AssertionError(f"{where}: merge() added B @ A without the scaling: W0 + scaling * B @ A, "
+                                     f"scaling = alpha / r = {scaling:g}")
+            hint = f" (your change to W0 is {k:.4g} times peft's)" if k is not None else ""
+            raise AssertionError(f"{where}: the merged weight differs from peft's merge(){hint}: {wrong}")
+        assert not W_merged.requires_grad, (f"{where}: after merge() the base weight requires grad: change it in place "
+                                            "(W += ...) rather than making a new nn.Parameter, so that W0 stays frozen")
+        with torch.no_grad():
+            h_merged = layer(x)
+        wrong = _first_wrong(h_merged, want.detach(), **LORA_TOL)
+        if wrong:
+            k = _ratio(h_merged - base_out, want.detach() - base_out)
+            if k is not None and math.isclose(k, 2, rel_tol=1e-3):
+                raise AssertionError(f"{where}: after merge() your forward adds scaling * B A x a second time: W "
+                                     "already holds the update, so forward must skip it while merged (keep a flag, "
+                                     "e.g. self.merged)")
+            raise AssertionError(f"{where}: after merge() your output changed: {wrong}")
+
+        done, _ = _attempt(layer.unmerge)                                # 5. unmerge restores W0
+        if not done:
+            _ok("your layer starts at W0, matches peft's outputs and gradients (to 1e-5) and its merge (to 1e-6)")
+            return _todo("unmerge()")
+        W_back = layer.base.weight if hasattr(layer, "base") else base.weight
+        wrong = _first_wrong(W_back.detach(), W0, **MERGE_TOL)
+        if wrong:
+            same = _first_wrong(W_back.detach(), W_peft.detach(), **MERGE_TOL) is None
+            raise AssertionError(f"{where}: unmerge() did not restore W0" + (" (the weight is still the merged one)"
+                                 if same else "") + f": {wrong}. Subtract exactly what merge() added, scaling * B @ A")
+        with torch.no_grad():
+            h_back = layer(x)
+        wrong = _first_wrong(h_back, want.detach(), **LORA_TOL)
+        if wrong:
+            k = _ratio(h_back - base_out, want.detach() - base_out)
+            hint = " (it is W0 x + b alone)" if k is not None and abs(k) < 1e-6 else ""
+            raise AssertionError(f"{where}: after unmerge() W0 is back, but your output is wrong{hint}: {wrong}. "
+                                 "Once unmerged, forward must add scaling * B A x again")
+        passed.append(where)
+    return _ok(f"your LoRA layer matches peft's lora.Linear on {len(passed)} hidden cases: starts at W0, outputs and "
+               "gradients of A and B to 1e-5, merge to 1e-6, unmerge restores W0")
+
+
 # Chapter 3 ----------------------------------------------------------------------------------
 
 def check_trainable_count(fn, config, targets, r):
@@ -199,6 +415,173 @@ def check_bits_per_parameter(fn):
             want = 4 + (8 / bs + 32 / (bs * 256) if dq else 32 / bs)
             assert math.isclose(got, want, rel_tol=1e-9), f"blocksize {bs}, double_quant={dq}: got {got}, want {want}"
     _ok("4 + 32/blocksize bits, or 4 + 8/blocksize + 32/(256*blocksize) with double quantization")
+
+
+# Build it (chapter 4): blockwise NF4, checked against bitsandbytes. The hidden cases: (shape,
+# blocksize). Rows of 128 and 96 values are not blocks (so one absmax per row shows), one block holds
+# an outlier, and one case asks for blocks of 32.
+NF4_CASES = (((8, 128), 64), ((6, 96), 64), ((1024,), 64), ((4, 256), 32))
+
+
+def _nf4_case(i):
+    """The i-th hidden case: (w, blocksize)."""
+    shape, blocksize = NF4_CASES[i]
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.05
+    if len(shape) == 1:
+        w[3 * blocksize + 5] = 1.0                                   # an outlier: 20 sigma, in block 3
+    return w, blocksize
+
+
+def _nibbles(packed, n):
+    flat = packed.reshape(-1).to(torch.uint8)
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].long()
+
+
+def _nf4_reference(w, blocksize):
+    """bitsandbytes' packed bytes (n // 2,) and absmax (n // blocksize,) for w: its quantize_4bit runs
+    the same pure-torch code on every CPU (no CPU kernel is registered for it in bitsandbytes 0.50)."""
+    import bitsandbytes.functional as bnbF
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    return packed.reshape(-1), state.absmax
+
+
+def _nf4_decode(packed, absmax, n, blocksize):
+    """code[index] * absmax of its block: what bitsandbytes' dequantize_4bit computes (its default,
+    pure-torch path; its AVX512 CPU kernel agrees where it is right, see tests/test_quant.py). Decoded
+    here rather than by bitsandbytes' kernel, whose CPU path differs between machines and is wrong
+    on some shapes (chapter 4, section 6)."""
+    from .quant import nf4_codebook
+    return nf4_codebook()[_nibbles(packed, n)] * absmax.float().repeat_interleave(blocksize)[:n]
+
+
+def _explain_codes(w, got_idx, want_idx, absmax, blocksize):
+    """Why the learner's 4-bit codes differ from bitsandbytes': name the likely mistake, and show the
+    first wrong element (its value, its value / absmax, the code chosen and the nearest NF4 code)."""
+    from .quant import nf4_codebook
+    code = nf4_codebook()
+    flat = w.reshape(-1).float()
+    scaled = flat / absmax.repeat_interleave(blocksize)
+    nearest = lambda v: (v[:, None] - code).abs().argmin(dim=1)
+    swapped = want_idx.view(-1, 2).flip(1).reshape(-1)
+    guesses = (
+        (swapped, "your nibbles are in the wrong order: element 2j of the flattened tensor goes in the HIGH nibble "
+                  "(byte >> 4), element 2j + 1 in the low one"),
+        (nearest(flat), "you rounded w itself, not w / absmax: divide each value by its block's absmax first, "
+                        "so that the block fills [-1, 1]"),
+        (((scaled + 1) * 7.5).round().clamp(0, 15).long(),
+         "your codes are evenly spaced levels (-1 + 2k/15); NF4's 16 values are not evenly spaced: round to the "
+         "nearest of lk.nf4_codebook()"),
+        ((torch.searchsorted(code, scaled.contiguous(), right=True) - 1).clamp(0, 15),
+         "you took the code just below each value, not the nearest one"),
+    )
+    for idx, why in guesses:
+        if torch.equal(got_idx, idx):
+            return why
+    i = int((got_idx != want_idx).nonzero()[0])
+    return (f"{int((got_idx != want_idx).sum())} of {got_idx.numel()} codes differ; the first is element {i} of "
+            f"the flattened tensor: w = {flat[i].item():.5f}, w / absmax = {scaled[i].item():.4f}, you stored code "
+            f"{got_idx[i].item()} ({code[got_idx[i]].item():.4f}), the nearest NF4 value is code {want_idx[i].item()} "
+            f"({code[want_idx[i]].item():.4f})")
+
+
+def _check_absmax(absmax, want, shape, blocksize, where):
+    absmax = torch.as_tensor(absmax).reshape(-1)
+    n, n_blocks = want.numel() * blocksize, want.numel()
+    if absmax.numel() != n_blocks:
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else None
+        why = (" (one per row? a block is blocksize consecutive elements of w.reshape(-1), and may span rows)"
+               if absmax.numel() == rows else " (one for the whole tensor? one per block)" if absmax.numel() == 1
+               else f" (blocks of {n // absmax.numel()}? this call asked for blocksize={blocksize})"
+               if absmax.numel() and n % absmax.numel() == 0 else "")
+        raise AssertionError(f"{where}: absmax has {absmax.numel()} values, expected {n_blocks} = {n} / {blocksize}, "
+                             f"one per block{why}")
+    assert absmax.dtype == torch.float32, \
+        f"{where}: absmax is {absmax.dtype}, expected torch.float32 (bitsandbytes' dtype)"
+    if not torch.equal(absmax, want):
+        b = int((absmax != want).nonzero()[0])
+        raise AssertionError(f"{where}: absmax of block {b} (elements {b * blocksize} to {(b + 1) * blocksize - 1} of "
+                             f"w.reshape(-1)) is {absmax[b].item():.6g}, expected {want[b].item():.6g}: the largest "
+                             "|value| of the block (abs first, then max)")
+
+
+def _check_refusal(quantize):
+    w = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    try:
+        got = quantize(w, 64)
+    except ValueError as e:
+        assert "100" in str(e) and "64" in str(e), (f"for a tensor of 100 values at blocksize 64 your ValueError says "
+                                                    f"{str(e)!r}: say the size (100) and the block size (64)")
+        return
+    except Exception as e:
+        raise AssertionError(f"for a tensor of 100 values at blocksize 64 your code raised {type(e).__name__}({e}) "
+                             "from inside; check the size first and raise ValueError, with a message that gives the "
+                             "size and the block size") from e
+    raise AssertionError(f"for a tensor of 100 values at blocksize 64 (not a multiple) you returned "
+                         f"{type(got).__name__}: raise ValueError instead, with a message that gives the size and the "
+                         "block size (bitsandbytes pads a short last block; this lab leaves that out)")
+
+
+def check_nf4_blockwise(quantize, dequantize):
+    """Build it, chapter 4. quantize(w, blocksize) -> (packed, absmax): packed uint8 (n // 2,), two
+    4-bit NF4 codes per byte (element 2j in the high nibble), absmax float32 (n // blocksize,), one
+    per block of consecutive elements of w.reshape(-1); a ValueError when n is not a multiple of
+    blocksize. dequantize(packed, absmax, shape, blocksize) -> float32 tensor of `shape`.
+
+    Against bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4"): packed bytes and
+    absmax identical (torch.equal). dequantize is fed bitsandbytes' own bytes and absmax and must
+    give code[index] * absmax, bitsandbytes' formula, to within 1e-6 x the block's absmax (a float32
+    rounding; exact in practice). That reference is decoded in plain torch, not by bitsandbytes' CPU
+    kernel, which differs between CPUs; tests/test_build_labs_ch2_ch4.py holds it equal to
+    dequantize_4bit on these cases."""
+    checked_dequantize = True
+    for i in range(len(NF4_CASES)):
+        w, blocksize = _nf4_case(i)
+        shape, n = tuple(w.shape), w.numel()
+        where = f"w of shape {shape}, blocksize {blocksize}"
+        want_packed, want_absmax = _nf4_reference(w, blocksize)
+        done, got = _attempt(quantize, w.clone(), blocksize)
+        if not done:
+            return _todo("blockwise NF4 quantize")
+        assert isinstance(got, (tuple, list)) and len(got) == 2, \
+            f"{where}: quantize should return (packed, absmax), got {type(got).__name__}"
+        packed, absmax = (torch.as_tensor(t) for t in got)
+        assert packed.dtype == torch.uint8, f"{where}: packed is {packed.dtype}, expected torch.uint8 (bytes)"
+        if packed.numel() == n:
+            raise AssertionError(f"{where}: packed has {n} bytes for {n} values, one code per byte: pack two 4-bit "
+                                 f"codes in each byte, {n // 2} bytes")
+        assert tuple(packed.shape) in ((n // 2,), (n // 2, 1)), \
+            f"{where}: packed has shape {tuple(packed.shape)}, expected ({n // 2},): two codes per byte"
+        _check_absmax(absmax, want_absmax, shape, blocksize, where)
+        if not torch.equal(packed.reshape(-1), want_packed):
+            why = _explain_codes(w, _nibbles(packed, n), _nibbles(want_packed, n), want_absmax, blocksize)
+            raise AssertionError(f"{where}: your packed bytes differ from bitsandbytes': {why}")
+
+        done, out = _attempt(dequantize, want_packed.clone(), want_absmax.clone(), shape, blocksize)
+        if not done:
+            checked_dequantize = False
+            continue
+        want = _nf4_decode(want_packed, want_absmax, n, blocksize).reshape(shape)
+        assert isinstance(out, torch.Tensor), f"{where}: dequantize returned {type(out).__name__}, not a tensor"
+        assert tuple(out.shape) == tuple(shape), f"{where}: dequantize gave shape {tuple(out.shape)}, expected {shape}"
+        assert out.dtype == torch.float32, f"{where}: dequantize gave {out.dtype}, expected torch.float32"
+        err = (out - want).abs().reshape(-1)
+        if not (err <= 1e-6 * want_absmax.repeat_interleave(blocksize)).all():
+            from .quant import nf4_codebook
+            idx, flat = _nibbles(want_packed, n), out.reshape(-1)
+            if torch.equal(flat, nf4_codebook()[idx]):
+                why = "your values are the codes alone, in [-1, 1]: multiply each by its block's absmax"
+            elif torch.equal(flat, _nf4_decode((want_packed << 4) | (want_packed >> 4), want_absmax, n, blocksize)):
+                why = "you read the low nibble first: element 2j is in the HIGH nibble (byte >> 4)"
+            else:
+                why = _first_wrong(out, want, atol=1e-6 * want_absmax.max().item())
+            raise AssertionError(f"{where}: dequantize of bitsandbytes' bytes is wrong: {why}")
+    _check_refusal(quantize)
+    if not checked_dequantize:
+        _ok(f"quantize: packed bytes and absmax identical to bitsandbytes on {len(NF4_CASES)} hidden cases")
+        return _todo("blockwise NF4 dequantize")
+    return _ok(f"blockwise NF4: bytes and absmax identical to bitsandbytes' quantize_4bit on {len(NF4_CASES)} hidden "
+               "cases, dequantized values equal to code[index] x absmax, and a size that is not a multiple of the block "
+               "size refused")
 
 
 # Chapter 5 ----------------------------------------------------------------------------------
