@@ -599,16 +599,6 @@ def check_qlora_weight_bytes(fn):
     _ok("NF4 weights: n x 4.5 / 8 bytes, or n x 4.127 / 8 with double quantization")
 
 
-def _first_wrong(got, want, atol, rtol=0.0):
-    """None if got matches want within atol + rtol * |want|; else a message naming the first wrong element."""
-    bad = ((got - want).abs() > atol + rtol * want.abs()) | (got.isnan() != want.isnan())
-    if not bad.any():
-        return None
-    i = tuple(int(j) for j in bad.nonzero()[0])
-    return (f"first wrong element at index {i}: yours {got[i].item():.6g}, expected {want[i].item():.6g} "
-            f"({int(bad.sum())} of {bad.numel()} elements off by more than {atol:g})")
-
-
 def _bnb_peft_stack(weights, As, Bs, r, alpha):
     """The reference for check_nf4_matmul: bitsandbytes' Linear4bit layers (NF4, blocks of 64, fp32
     compute, the path that dequantizes exactly) in a stack, with peft's LoRA on each."""
