@@ -134,7 +134,7 @@ def _inject_cases():
 
 
 def _first_diff(got, want):
-    """'[i, j]: yours x, want y' for the element where |got - want| is largest."""
+    """'[i, j]: yours x, reference y' for the element where |got - want| is largest."""
     where = (got - want).abs().argmax()
     idx = list(torch.unravel_index(where, got.shape)) if got.dim() else []
     i = tuple(int(k) for k in idx)
@@ -157,7 +157,7 @@ def _check_placement(ours, linears, names_before, want, targets, what):
             return ours.get_submodule(name)
         except AttributeError:
             return None
-    replaced = {n: now(n) for n, m in linears.items() if now(n) is not m}
+    replaced = {n: now(n) for n, m in linears.items() if now(n) is not m and now(n) is not None}
     missing = [n for n in want if n not in replaced]
     extra = [n for n in replaced if n not in want]
     strays = [n for n, _ in ours.named_modules() if n not in names_before
@@ -287,7 +287,8 @@ def check_inject(fn, tol=1e-5):
         assert done == "refused", ("targets ['query', 'value'] (BERT's names) match no module of a Llama, and your "
                                    "function accepted them silently: nothing would train. Raise a ValueError when "
                                    "no module matches")
-    return _ok(f"your injection adapts the modules peft adapts and trains as many parameters (3 models, 3 target "
+    n = len(_inject_cases())
+    return _ok(f"your injection adapts the modules peft adapts and trains as many parameters ({n} models, {n} target "
                f"lists); logits and the gradients of every A and B equal peft's within {_tol(tol)}; a target that "
                "matches nothing is refused")
 
