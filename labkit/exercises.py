@@ -371,6 +371,187 @@ def check_trainable_count(fn, config, targets, r):
     return _ok(f"{want:,} trainable parameters for {targets} at r={r}")
 
 
+# Chapter 3 · Build it: the injection, against peft ------------------------------------------
+
+def _decoy_qkv(model):
+    """Give every attention block one more nn.Linear, named qkv_proj (the name fused-attention
+    models such as Phi-3 use), which the forward pass never calls: its name contains "v_proj" as a
+    substring but is not v_proj, and peft leaves it alone."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.qkv_proj = torch.nn.Linear(attn.q_proj.in_features, 3 * attn.q_proj.out_features, bias=False)
+    return model
+
+
+def _inject_cases():
+    """(what, model factory, targets, r, alpha): tiny random Llamas with SmolLM2's module names."""
+    from .models import tiny_llama
+    return [("2 layers", lambda: tiny_llama(seed=0), ["q_proj", "k_proj", "v_proj", "o_proj"], 4, 8),
+            ("3 layers, with a decoy qkv_proj", lambda: _decoy_qkv(tiny_llama(seed=1, num_hidden_layers=3)),
+             ["q_proj", "v_proj"], 2, 16),
+            ("2 layers, 1 key/value head", lambda: tiny_llama(seed=2, num_key_value_heads=1), ["k_proj", "o_proj"], 8, 4)]
+
+
+def _first_diff(got, want):
+    """'[i, j]: yours x, reference y' for the element where |got - want| is largest."""
+    where = (got - want).abs().argmax()
+    idx = list(torch.unravel_index(where, got.shape)) if got.dim() else []
+    i = tuple(int(k) for k in idx)
+    return f"{list(i)}: yours {got[i].item():.6g}, reference {want[i].item():.6g}"
+
+
+def _tol(t):
+    return f"{t:.0e}".replace("e-0", "e-")                   # 1e-05 -> 1e-5
+
+
+def _close(got, want, tol):
+    return got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol)
+
+
+def _check_placement(ours, linears, names_before, want, targets, what):
+    """Which of the model's original nn.Linear layers were replaced, against the layers peft adapts
+    (`want`). Returns {name: the wrapper now there}."""
+    def now(name):
+        try:
+            return ours.get_submodule(name)
+        except AttributeError:
+            return None
+    replaced = {n: now(n) for n, m in linears.items() if now(n) is not m and now(n) is not None}
+    missing = [n for n in want if n not in replaced]
+    extra = [n for n in replaced if n not in want]
+    strays = [n for n, _ in ours.named_modules() if n not in names_before
+              and not any(n.startswith(r + ".") for r in replaced) and n.rsplit(".", 1)[-1] in targets]
+    if missing and strays:
+        child = strays[0].rsplit(".", 1)[-1]
+        lost = next((n for n in missing if n.rsplit(".", 1)[-1] == child), missing[0])
+        raise AssertionError(
+            f"[{what}] {lost} is still the plain nn.Linear, but a module appeared at {strays[0]!r}: the "
+            f"wrapper was set on the wrong parent. Set it on the module that holds the layer, "
+            f"setattr(model.get_submodule({lost.rpartition('.')[0]!r}), {child!r}, wrapper)")
+    if missing:
+        layers = sorted({n.split(".")[2] for n in replaced if n.startswith("model.layers.")})
+        hint = (f"only layer {layers[0]} got LoRA; every transformer layer has its own projections: wrap "
+                "every module whose name matches, not the first one" if len(layers) == 1
+                else "wrap every nn.Linear whose name's last part is in targets")
+        raise AssertionError(f"[{what}] no LoRA on {missing[0]} ({len(missing)} of the {len(want)} target modules "
+                             f"missed, targets {targets}): {hint}")
+    if extra:
+        last = extra[0].rsplit(".", 1)[-1]
+        inside = [t for t in targets if t in last]
+        hint = (f"{last!r} is not {inside[0]!r}: a target names the last part of a module's name whole, as peft "
+                f"matches it (name == target or name ends with '.' + target), not a substring of it"
+                if inside else f"{last!r} is not in targets {targets}: LoRA goes on the targets only (here not "
+                               "on the MLP or the output head)")
+        raise AssertionError(f"[{what}] LoRA on {extra[0]} ({len(extra)} modules too many): {hint}")
+    for name, wrapper in replaced.items():
+        if not any(m is linears[name] for m in wrapper.modules()):
+            raise AssertionError(f"[{what}] the wrapper at {name} does not hold the model's own nn.Linear: wrap "
+                                 "the module you found (lk.LoRALinear(module, r, alpha)), so that W0 stays the "
+                                 "pretrained weight")
+    return replaced
+
+
+def _find_A_B(wrapper, base, r, name, what):
+    """The wrapper's trainable A (r, in) and B (out, r)."""
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
+    A = [p for p in trainable if tuple(p.shape) == (r, base.in_features)]
+    B = [p for p in trainable if tuple(p.shape) == (base.out_features, r)]
+    assert len(A) == 1 and len(B) == 1 and len(trainable) == 2, (
+        f"[{what}] at {name} the trainable tensors have shapes {[tuple(p.shape) for p in trainable]}; expected A "
+        f"(r, in) = {(r, base.in_features)} and B (out, r) = {(base.out_features, r)} and nothing else")
+    return A[0], B[0]
+
+
+def check_inject(fn, tol=1e-5):
+    """fn(model, targets, r, alpha) -> the model (or None: changed in place) with every nn.Linear whose
+    name's last part is in `targets` replaced by a LoRA wrapper, everything else frozen; a target list
+    that matches nothing raises ValueError.
+
+    Checked on tiny random Llamas (SmolLM2's module names) against peft's get_peft_model(model,
+    LoraConfig(target_modules=targets, r=r, lora_alpha=alpha)) on an identical model: the adapted
+    modules and the trainable count must be peft's exactly; with the same A and B copied into both
+    (B non-zero), the logits and the gradients of every A and B must agree within `tol` (fp32:
+    absolute and relative 1e-5; the two compute the same products, so they differ by about 1e-7)."""
+    from peft import LoraConfig, get_peft_model
+    with torch.random.fork_rng(devices=[]):                 # the notebook's random state is left as it was
+        for kind, make, targets, r, alpha in _inject_cases():
+            what = f"tiny Llama, {kind}; targets {targets}, r={r}, alpha={alpha}"
+            model = make()
+            linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            own = {id(p) for p in model.parameters()}
+            names_before = {n for n, _ in model.named_modules()}
+            x = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                base_logits = model(input_ids=x).logits
+            done, got = _attempt(fn, model, list(targets), r, alpha)
+            if not done:
+                return _todo("LoRA injection")
+            ours = model if got is None else got
+            assert isinstance(ours, torch.nn.Module), f"[{what}] return the model (or None), not a {type(got).__name__}"
+            theirs = get_peft_model(make(), LoraConfig(target_modules=list(targets), r=r, lora_alpha=alpha,
+                                                       lora_dropout=0.0, bias="none"))
+            peft_layers = {}                                 # peft's layers, named as in the plain model
+            for name, m in theirs.base_model.model.named_modules():
+                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+                    peft_layers[name] = m
+            trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+            assert trainable, (f"[{what}] nothing trains: freeze the model first, then wrap (LoRALinear's A and B "
+                               "are created trainable; freezing after the wrapping freezes them too)")
+            unfrozen = [n for n, p in trainable if id(p) in own]
+            assert not unfrozen, (f"[{what}] the model's own weights still train: {unfrozen[0]} ({len(unfrozen)} "
+                                  "tensors in all). Freeze the whole model (model.requires_grad_(False)) before "
+                                  "wrapping: only A and B may train")
+            replaced = _check_placement(ours, linears, names_before, list(peft_layers), targets, what)
+            n_ours = sum(p.numel() for _, p in trainable)
+            n_peft = theirs.get_nb_trainable_parameters()[0]
+            AB = {name: _find_A_B(w, linears[name], r, name, what) for name, w in replaced.items()}
+            assert n_ours == n_peft, f"[{what}] {n_ours:,} trainable parameters; peft trains {n_peft:,}"
+            with torch.no_grad():
+                start = ours(input_ids=x).logits
+            assert _close(start, base_logits, 1e-6), (
+                f"[{what}] straight after injection the logits differ from the base model's (largest at "
+                f"{_first_diff(start, base_logits)}): B must start at zero, so that B A = 0 and the adapted model "
+                "starts exactly where the pretrained one was")
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():                            # the same non-zero A and B on both sides
+                for name, (A, B) in AB.items():
+                    A.copy_(torch.randn(A.shape, generator=g) * 0.3)
+                    B.copy_(torch.randn(B.shape, generator=g) * 0.3)
+                    peft_layers[name].lora_A["default"].weight.copy_(A)
+                    peft_layers[name].lora_B["default"].weight.copy_(B)
+            out_ours, out_peft = ours(input_ids=x, labels=x), theirs(input_ids=x, labels=x)
+            assert _close(out_ours.logits, out_peft.logits, tol), (
+                f"[{what}] with the same A and B, the logits differ from peft's beyond {_tol(tol)} (largest at "
+                f"{_first_diff(out_ours.logits.detach(), out_peft.logits.detach())}): does each wrapper add "
+                f"(alpha / r) B A x = {alpha / r:g} B A x to W0 x, with A (r, in) and B (out, r)?")
+            out_ours.loss.backward()
+            out_peft.loss.backward()
+            for name, (A, B) in AB.items():
+                for label, p, q in (("A", A, peft_layers[name].lora_A["default"].weight),
+                                    ("B", B, peft_layers[name].lora_B["default"].weight)):
+                    assert p.grad is not None, f"[{what}] {label} at {name} got no gradient: is it used in forward?"
+                    assert _close(p.grad, q.grad, tol), (
+                        f"[{what}] the gradient of {label} at {name} differs from peft's beyond {_tol(tol)} (largest "
+                        f"at {_first_diff(p.grad, q.grad)})")
+        from .models import tiny_llama
+        try:
+            done, _ = _attempt(fn, tiny_llama(), ["query", "value"], 4, 8)
+        except ValueError:
+            done = "refused"
+        except Exception as e:                                # noqa: BLE001 (any other error is a bug to report)
+            raise AssertionError(f"targets ['query', 'value'] (BERT's names) on a Llama raised {type(e).__name__}: "
+                                 f"{e}; raise a ValueError that says they match no module") from e
+        if done is False:
+            return _todo("LoRA injection")
+        assert done == "refused", ("targets ['query', 'value'] (BERT's names) match no module of a Llama, and your "
+                                   "function accepted them silently: nothing would train. Raise a ValueError when "
+                                   "no module matches")
+    n = len(_inject_cases())
+    return _ok(f"your injection adapts the modules peft adapts and trains as many parameters ({n} models, {n} target "
+               f"lists); logits and the gradients of every A and B equal peft's within {_tol(tol)}; a target that "
+               "matches nothing is refused")
+
+
 # Chapter 4 ----------------------------------------------------------------------------------
 
 def check_nf4_codebook(fn):
@@ -795,6 +976,190 @@ def check_largest_batch(fn):
                              f"{want}. Use lk.memory.predict_peak(model, batch, {seq}, '{method}', foreach=False) (a CPU's "
                              f"AdamW) on a model prepared with lk.finetune.prepare(model, '{method}')")
     return _ok("largest batch: activations grow with batch x length; full fine-tuning's fixed cost leaves less room")
+
+
+# Chapter 6 · Build it: prompt-masked labels and one training step ---------------------------
+
+_PAD = 2                                                   # the pad id of the checkers' batches
+
+
+def _label_batch(lengths, g, pad_id=_PAD, vocab=256):
+    """A right-padded batch as lk.text.collate makes it, from random token ids: rows of `lengths`
+    (prompt, answer) tokens, each answer ending in the pad id (SmolLM2 pads with its end-of-turn
+    token, which ends every answer). Returns (batch with labels, prompt_lengths)."""
+    from .text import IGNORE, collate
+    examples = []
+    for p, a in lengths:
+        ids = torch.randint(3, vocab, (p + a,), generator=g).tolist()
+        ids[-1] = pad_id
+        examples.append({"input_ids": ids, "labels": [IGNORE] * p + ids[p:]})
+    return collate(examples, pad_id), torch.tensor([p for p, _ in lengths])
+
+
+_LABEL_CASES = ([(5, 4)], [(7, 3), (4, 5), (6, 6), (3, 1)], [(9, 2), (2, 9), (8, 3)])
+
+
+def check_make_labels(fn):
+    """fn(input_ids, prompt_lengths, attention_mask) -> labels (B, T), torch.long: each token's own id
+    where it is an answer token, IGNORE (-100) over the first prompt_lengths[i] tokens of row i and
+    over the padding (attention_mask 0, on the right). Not shifted: transformers shifts inside the loss.
+    Compared exactly with the labels lk.text.encode and collate make."""
+    from .text import IGNORE
+    g = torch.Generator().manual_seed(0)
+    for lengths in _LABEL_CASES:
+        batch, prompt_lengths = _label_batch(lengths, g)
+        ids, mask, want = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ids_before = ids.clone()
+        done, got = _attempt(fn, ids, prompt_lengths.clone(), mask.clone())
+        if not done:
+            return _todo("prompt-masked labels")
+        size = f"batch of {len(lengths)} x {ids.shape[1]}"
+        assert torch.equal(ids, ids_before), (f"{size}: your function changed input_ids in place (labels = "
+                                              "input_ids shares its memory): start from input_ids.clone()")
+        assert torch.is_tensor(got), f"{size}: return a tensor, not a {type(got).__name__}"
+        assert got.shape == want.shape, f"{size}: labels of shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert got.dtype == torch.long, f"{size}: labels of dtype {got.dtype}; cross-entropy wants torch.long (int64)"
+        if torch.equal(got, want):
+            continue
+        if torch.equal(got[:, :-1], want[:, 1:]) or torch.equal(got[:, 1:], want[:, :-1]):
+            raise AssertionError(f"{size}: your labels are shifted by one position. transformers shifts them "
+                                 "itself inside the loss (logits at t predict labels at t + 1); give labels "
+                                 "aligned with input_ids, or every token is shifted twice")
+        i, j = (int(k) for k in (got != want).nonzero()[0])
+        p, w, v = int(prompt_lengths[i]), int(want[i, j]), int(got[i, j])
+        where = f"{size}, row {i}, column {j}: got {v}, want {w}"
+        if j < p:
+            raise AssertionError(f"{where}. That is a prompt token (row {i}'s prompt is its first {p} tokens): it "
+                                 f"must be IGNORE ({IGNORE}), or the loss trains the model to write the question")
+        if mask[i, j] == 0:
+            raise AssertionError(f"{where}. That is padding (attention_mask 0): it must be IGNORE ({IGNORE}) too")
+        if v == IGNORE and ids[i, j] == _PAD:
+            raise AssertionError(f"{where}. That is the answer's end-of-turn token, whose id is also the pad "
+                                 "id: find the padding from attention_mask, not from the token id")
+        if v == IGNORE:
+            raise AssertionError(f"{where}. That is an answer token (the answer starts at column {p}): its label "
+                                 "is the token itself; only positions 0 .. prompt_length - 1 are the prompt")
+        raise AssertionError(f"{where}. An answer token's label is the token itself, input_ids[{i}, {j}]")
+    return _ok("labels: the answer's own token ids, IGNORE over the prompt and the padding, no shift")
+
+
+_STEP_LR = 0.5
+
+
+def _step_batches(g):
+    """Two right-padded batches of unequal rows, so that a mean per row differs from a mean per token."""
+    return [_label_batch(lengths, g)[0] for lengths in ([(6, 9), (8, 2), (3, 5)], [(4, 3), (5, 11)])]
+
+
+def _reference_step(model, batch, opt, zero=True):
+    """One step as chapter 6's loop takes it: the model's own loss (transformers shifts the labels
+    and averages over the tokens whose label is not IGNORE), backward, step, gradients cleared."""
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    if zero:
+        opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _other_losses(model, batch):
+    """The losses of typical mistakes on `batch`, for the checker's messages."""
+    from .text import IGNORE
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+
+    def ce(logits, labels, per_row=False):
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE,
+                                                   reduction="none")
+        keep = (labels != IGNORE).float()
+        if per_row:
+            return ((losses * keep).sum(1) / keep.sum(1)).mean().item()
+        return ((losses * keep).sum() / keep.sum()).item()
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], 1)
+    return {
+        "per_row": (ce(logits[:, :-1], labels[:, 1:], per_row=True),
+                    "a mean per row, then a mean of the rows: transformers averages over all the batch's answer "
+                    "tokens, each token weighing the same (a row with few answer tokens does not count more)"),
+        "double_shift": (ce(logits[:, :-1], shifted[:, 1:]),
+                         "the labels shifted by hand: the model shifts them again inside its loss, so each "
+                         "position is scored on the token two places ahead. Pass batch['labels'] as it is"),
+        "no_shift": (ce(logits, labels),
+                     "logits at t scored against the token at t, not t + 1: shift logits[:, :-1] against "
+                     "labels[:, 1:], or let the model do it (model(**batch).loss)"),
+        "everything": (ce(logits[:, :-1], ids[:, 1:]),
+                       "every position counted, prompt and padding: the labels must be batch['labels'] (IGNORE "
+                       "over the prompt and the padding), not the input ids"),
+        "prompt": (ce(logits[:, :-1], torch.where(mask == 1, ids, IGNORE)[:, 1:]),
+                   "the prompt tokens counted: the labels must be batch['labels'] (IGNORE over the prompt), "
+                   "not the input ids"),
+    }
+
+
+def _compare_params(model, ref, what):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if p.requires_grad and not torch.allclose(p, q, rtol=1e-5, atol=1e-6):
+            return f"{what}: {name} differs from the reference step's at {_first_diff(p.detach(), q.detach())}"
+    return None
+
+
+def check_train_step(fn):
+    """fn(model, batch, optimizer) -> the loss of one training step on `batch` (a float or a 0-d tensor):
+    the model's loss on the batch, backward, optimizer step, gradients cleared for the next step.
+
+    Two steps on two tiny models (a random Llama with LoRA on q, v, and one trained in full), each with
+    two right-padded prompt-masked batches and plain SGD (lr 0.5; with momentum for the second):
+    each loss must equal transformers' own model(**batch).loss within 1e-5 (relative), and the
+    trainable parameters after each step a reference step's within 1e-5 relative plus 1e-6 absolute."""
+    import copy
+
+    from .lora import inject_lora, lora_layers
+    from .models import tiny_llama
+    with torch.random.fork_rng(devices=[]):                 # the notebook's random state is left as it was
+        lora = inject_lora(tiny_llama(seed=3, initializer_range=0.2), ["q_proj", "v_proj"], r=4, alpha=8)
+        for _, m in lora_layers(lora):                       # B = 0 would leave A without a gradient
+            torch.nn.init.normal_(m.lora_B, std=0.2)
+        # weights 10x larger than transformers' default (initializer_range 0.02) make the tokens' losses
+        # differ, so that the typical mistakes give losses at least 1% away from the right one
+        cases = [("LoRA on q, v", lora, dict(lr=_STEP_LR)),
+                 ("full fine-tuning", tiny_llama(seed=4, initializer_range=0.2), dict(lr=_STEP_LR, momentum=0.9))]
+        for what, model, sgd in cases:
+            model.train()
+            ref, no_zero = copy.deepcopy(model), copy.deepcopy(model)
+            trained = lambda m: [p for p in m.parameters() if p.requires_grad]     # noqa: E731
+            opts = [torch.optim.SGD(trained(m), **sgd) for m in (model, ref, no_zero)]
+            for step, batch in enumerate(_step_batches(torch.Generator().manual_seed(5)), 1):
+                at = f"[{what}] step {step}"
+                others = _other_losses(ref, batch)
+                want = _reference_step(ref, batch, opts[1])
+                _reference_step(no_zero, batch, opts[2], zero=False)
+                before = [p.detach().clone() for p in trained(model)]
+                done, got = _attempt(fn, model, {k: v.clone() for k, v in batch.items()}, opts[0])
+                if not done:
+                    return _todo("one training step")
+                assert got is not None, f"{at}: return the loss (loss.item(), or the tensor)"
+                assert not torch.is_tensor(got) or got.numel() == 1, (
+                    f"{at}: you returned a tensor of shape {tuple(got.shape)}; return one number, the mean loss "
+                    "over the batch's answer tokens")
+                got = float(got.detach() if torch.is_tensor(got) else got)
+                if not math.isclose(got, want, rel_tol=1e-5):
+                    why = [hint for value, hint in others.values() if math.isclose(got, value, rel_tol=1e-5)]
+                    raise AssertionError(f"{at}: your loss {got:.6f}, transformers' model(**batch).loss "
+                                         f"{want:.6f}" + (f": it is {why[0]}" if why else ""))
+                wrong = _compare_params(model, ref, at)
+                if wrong is None:
+                    continue
+                if all(torch.equal(p, q) for p, q in zip(trained(model), before)):
+                    raise AssertionError(f"{at}: no trainable parameter changed. Call loss.backward(), then "
+                                         "optimizer.step(); clear the gradients before the backward or after the "
+                                         "step, not between the two")
+                if _compare_params(model, no_zero, at) is None:
+                    raise AssertionError(f"{at}: the parameters moved by the sum of this step's gradient and the "
+                                         "last one's: the gradients were not cleared. Call optimizer.zero_grad() "
+                                         "once every step (backward adds to .grad)")
+                raise AssertionError(wrong + ". Is it loss.backward(), then optimizer.step(), on the model's loss?")
+    return _ok("one step: the model's own loss on the answer tokens, backward, step, gradients cleared; "
+               "losses and parameters equal a reference step's")
 
 
 # Chapter 8 ----------------------------------------------------------------------------------
