@@ -1,6 +1,7 @@
 """Checkers for the chapters' exercises. Each takes the reader's function or answer, compares it
 with labkit's reference on several inputs, and prints what is right or raises with a hint.
 A function that still raises NotImplementedError is reported as not attempted (no error)."""
+import contextlib
 import math
 
 import torch
@@ -16,12 +17,38 @@ def _attempt(fn, *args):
         return False, None
 
 
+_VERDICTS = []     # while a `graded()` block runs: one "ok" or "todo" per line a checker prints
+
+
 def _ok(msg):
+    _VERDICTS.append("ok")
     print(f"✓ {msg}")
 
 
 def _todo(name):
+    _VERDICTS.append("todo")
     print(f"… {name}: not attempted yet (replace the NotImplementedError with your code)")
+
+
+@contextlib.contextmanager
+def graded():
+    """For a grading tool (scripts/build_assignments.py, nbgrader): the checkers run inside this block
+    count only if every one of them passed. A checker already raises AssertionError on a wrong
+    answer; this block also raises when a part was not attempted, or when nothing was checked.
+
+        with lk.exercises.graded():
+            lk.exercises.check_lora_linear(MyLoRALinear)
+    """
+    start = len(_VERDICTS)
+    try:
+        yield
+        got = _VERDICTS[start:]
+        if "todo" in got:
+            raise AssertionError(f"{got.count('todo')} part(s) not attempted yet: no marks for this check")
+        if not got:
+            raise AssertionError("no checker ran inside graded(): nothing to give marks for")
+    finally:
+        del _VERDICTS[start:]
 
 
 def _first_wrong(got, want, atol, rtol=0.0):

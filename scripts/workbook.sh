@@ -6,6 +6,8 @@
 #   bash scripts/workbook.sh run-all   set up and execute every notebook headlessly into build/executed/
 #   bash scripts/workbook.sh test      set up and run the whole test suite (unit, parity, nbval, browser)
 #   bash scripts/workbook.sh bench     set up and run the benchmark scripts
+#   bash scripts/workbook.sh assignments  set up and build the class's nbgrader assignments from the
+#                                      chapters' Build-it labs into build/course (scripts/build_assignments.py)
 #   bash scripts/workbook.sh setup     only set up
 #
 # Set-up: a virtual environment in .venv (LABKIT_VENV to move it; LABKIT_SYSTEM_PYTHON=1, or Colab,
@@ -125,5 +127,6 @@ case "$cmd" in
            echo "== test command: $((took / 60)) min $((took % 60)) s in all, set-up included (exit code $rc)"
            exit $rc ;;
   bench)   setup; for b in scripts/bench_*.py; do "$PY" "$b"; done ;;
-  *) echo "usage: bash scripts/workbook.sh {lab|run-all|test|bench|setup}"; exit 2 ;;
+  assignments) setup; shift; exec "$PY" scripts/build_assignments.py "$@" ;;
+  *) echo "usage: bash scripts/workbook.sh {lab|run-all|test|bench|assignments|setup}"; exit 2 ;;
 esac

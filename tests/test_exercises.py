@@ -228,3 +228,25 @@ def test_eckart_young_lab_refuses_typical_mistakes_and_says_which(capsys):
     for message, fn in wrong.items():
         with pytest.raises(AssertionError, match=message):
             ex.check_eckart_young_error(fn)
+
+
+def _not_yet(*args):
+    raise NotImplementedError
+
+
+def test_graded_gives_marks_only_when_every_part_passed():
+    """ex.graded (the grade cells of scripts/build_assignments.py): a checker that passes
+    gives the marks; one that is not attempted, a part of one left undone, or no checker at all, raise."""
+    with ex.graded():
+        ex.check_rslora_scaling(lambda alpha, r: alpha / r ** 0.5)
+    with pytest.raises(AssertionError, match="not attempted"):
+        with ex.graded():
+            ex.check_rslora_scaling(lambda alpha, r: _not_yet())
+    with pytest.raises(AssertionError, match="not attempted"):      # one part done, one not: no marks
+        with ex.graded():
+            ex._ok("first part")
+            ex._todo("second part")
+    with pytest.raises(AssertionError, match="no checker ran"):
+        with ex.graded():
+            pass
+    assert ex._VERDICTS == []                                         # nothing is left behind for the next cell
