@@ -702,19 +702,9 @@ def _check_refusal(quantize):
                          "block size (bitsandbytes pads a short last block; this lab leaves that out)")
 
 
-def check_nf4_blockwise(quantize, dequantize):
-    """Build it, chapter 4. quantize(w, blocksize) -> (packed, absmax): packed uint8 (n // 2,), two
-    4-bit NF4 codes per byte (element 2j in the high nibble), absmax float32 (n // blocksize,), one
-    per block of consecutive elements of w.reshape(-1); a ValueError when n is not a multiple of
-    blocksize. dequantize(packed, absmax, shape, blocksize) -> float32 tensor of `shape`.
-
-    Against bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4"): packed bytes and
-    absmax identical (torch.equal). dequantize is fed bitsandbytes' own bytes and absmax and must
-    give code[index] * absmax, bitsandbytes' formula, to within 1e-6 x the block's absmax (a float32
-    rounding; exact in practice). That reference is decoded in plain torch, not by bitsandbytes' CPU
-    kernel, which differs between CPUs; tests/test_build_labs_ch2_ch4.py holds it equal to
-    dequantize_4bit on these cases."""
-    checked_dequantize = True
+def _check_nf4_quantize(quantize):
+    """True if quantize matches bitsandbytes on every hidden case (and refuses a bad size), False if
+    it is not attempted; raises AssertionError naming the first mistake."""
     for i in range(len(NF4_CASES)):
         w, blocksize = _nf4_case(i)
         shape, n = tuple(w.shape), w.numel()
@@ -722,7 +712,7 @@ def check_nf4_blockwise(quantize, dequantize):
         want_packed, want_absmax = _nf4_reference(w, blocksize)
         done, got = _attempt(quantize, w.clone(), blocksize)
         if not done:
-            return _todo("blockwise NF4 quantize")
+            return False
         assert isinstance(got, (tuple, list)) and len(got) == 2, \
             f"{where}: quantize should return (packed, absmax), got {type(got).__name__}"
         packed, absmax = (torch.as_tensor(t) for t in got)
@@ -736,18 +726,28 @@ def check_nf4_blockwise(quantize, dequantize):
         if not torch.equal(packed.reshape(-1), want_packed):
             why = _explain_codes(w, _nibbles(packed, n), _nibbles(want_packed, n), want_absmax, blocksize)
             raise AssertionError(f"{where}: your packed bytes differ from bitsandbytes': {why}")
+    _check_refusal(quantize)
+    return True
 
+
+def _check_nf4_dequantize(dequantize):
+    """True if dequantize decodes bitsandbytes' own bytes and absmax right on every hidden case, False
+    if it is not attempted; raises AssertionError naming the first mistake. Needs no quantize of yours."""
+    from .quant import nf4_codebook
+    for i in range(len(NF4_CASES)):
+        w, blocksize = _nf4_case(i)
+        shape, n = tuple(w.shape), w.numel()
+        where = f"w of shape {shape}, blocksize {blocksize}"
+        want_packed, want_absmax = _nf4_reference(w, blocksize)
         done, out = _attempt(dequantize, want_packed.clone(), want_absmax.clone(), shape, blocksize)
         if not done:
-            checked_dequantize = False
-            continue
+            return False
         want = _nf4_decode(want_packed, want_absmax, n, blocksize).reshape(shape)
         assert isinstance(out, torch.Tensor), f"{where}: dequantize returned {type(out).__name__}, not a tensor"
         assert tuple(out.shape) == tuple(shape), f"{where}: dequantize gave shape {tuple(out.shape)}, expected {shape}"
         assert out.dtype == torch.float32, f"{where}: dequantize gave {out.dtype}, expected torch.float32"
         err = (out - want).abs().reshape(-1)
         if not (err <= 1e-6 * want_absmax.repeat_interleave(blocksize)).all():
-            from .quant import nf4_codebook
             idx, flat = _nibbles(want_packed, n), out.reshape(-1)
             if torch.equal(flat, nf4_codebook()[idx]):
                 why = "your values are the codes alone, in [-1, 1]: multiply each by its block's absmax"
@@ -756,8 +756,46 @@ def check_nf4_blockwise(quantize, dequantize):
             else:
                 why = _first_wrong(out, want, atol=1e-6 * want_absmax.max().item())
             raise AssertionError(f"{where}: dequantize of bitsandbytes' bytes is wrong: {why}")
-    _check_refusal(quantize)
-    if not checked_dequantize:
+    return True
+
+
+def check_nf4_blockwise(quantize, dequantize):
+    """Build it, chapter 4. quantize(w, blocksize) -> (packed, absmax): packed uint8 (n // 2,), two
+    4-bit NF4 codes per byte (element 2j in the high nibble), absmax float32 (n // blocksize,), one
+    per block of consecutive elements of w.reshape(-1); a ValueError when n is not a multiple of
+    blocksize. dequantize(packed, absmax, shape, blocksize) -> float32 tensor of `shape`.
+
+    Against bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4"): packed bytes and
+    absmax identical (torch.equal). dequantize is fed bitsandbytes' own bytes and absmax and must
+    give code[index] * absmax, bitsandbytes' formula, to within 1e-6 x the block's absmax (a float32
+    rounding; exact in practice). That reference is decoded in plain torch, not by bitsandbytes' CPU
+    kernel, which differs between CPUs; tests/test_build_labs_ch2_ch4.py holds it equal to
+    dequantize_4bit on these cases.
+
+    The two are checked independently (dequantize never sees the output of your quantize), and each
+    is reported: ✓, not attempted, or an AssertionError that names the mistake. A wrong quantize is
+    raised after dequantize's ✓ is printed (or with dequantize's own mistake appended). Full ✓ only
+    when both pass; with neither attempted, one line (quantize's) says so."""
+    try:
+        q_done, q_error = _check_nf4_quantize(quantize), None
+    except AssertionError as e:
+        q_done, q_error = True, e
+    try:
+        d_done = _check_nf4_dequantize(dequantize)
+    except AssertionError as d_error:
+        if q_error is not None:
+            raise AssertionError(f"{q_error}\n(and dequantize too: {d_error})") from q_error
+        raise
+    if q_error is not None:
+        if d_done:
+            _ok(f"dequantize: bitsandbytes' bytes decoded to code[index] x absmax on {len(NF4_CASES)} hidden cases")
+        raise q_error
+    if not q_done and not d_done:
+        return _todo("blockwise NF4 quantize")
+    if not q_done:
+        _ok(f"dequantize: bitsandbytes' bytes decoded to code[index] x absmax on {len(NF4_CASES)} hidden cases")
+        return _todo("blockwise NF4 quantize")
+    if not d_done:
         _ok(f"quantize: packed bytes and absmax identical to bitsandbytes on {len(NF4_CASES)} hidden cases")
         return _todo("blockwise NF4 dequantize")
     return _ok(f"blockwise NF4: bytes and absmax identical to bitsandbytes' quantize_4bit on {len(NF4_CASES)} hidden "
