@@ -1332,6 +1332,123 @@ def check_rank_under_budget(fn):
     return _ok("the adapters' bill grows linearly in r: 16 bytes x r x sum(in + out) over targets and layers")
 
 
+# Build it (chapter 7): alpha as a step size. The hidden cases, (r, alpha, lr, new_alpha, rslora,
+# new_rslora): for the rule, and (others) for the live peft runs.
+STEP_RULE_CASES = ((8, 16, 2e-3, 32, False, False), (16, 32, 1e-3, 4, False, True), (64, 16, 2e-3, 4, True, True),
+                   (64, 16, 2e-3, 128, True, False), (4, 8, 1e-4, 2, False, False))
+STEP_LIVE_CASES = ((8, 16, 2e-3, 64, False, False), (16, 32, 1e-3, 16, False, True), (64, 16, 2e-3, 64, True, False))
+STEP_LIVE_TOL = (1e-2, 0.15, 0.15)        # ||ΔW_yours - ΔW_reference|| / ||ΔW_reference|| after steps 1, 2, 3
+
+
+def _setting(r, alpha, rslora):
+    from .lora import lora_scaling
+    s = lora_scaling(alpha, r, rslora)
+    return f"{'rsLoRA' if rslora else 'LoRA'} r={r} alpha={alpha:g} (scaling {s:.4g})"
+
+
+def _live_delta_w(r, alpha, lr, rslora, steps=3):
+    """peft's LoRA on q and v of a tiny random Llama (tiny_llama(seed=0): hidden 64, 2 layers), its A
+    drawn from seed 1 whatever alpha, lr and rslora, trained `steps` AdamW steps (weight decay 0, as
+    lk.train.train) on one fixed batch of 4 x 16 random tokens, fp32 on the CPU. Returns, after each
+    step, ΔW = scaling B A of every adapted module (peft's get_delta_weight), flattened and joined."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from .models import tiny_llama
+    with torch.random.fork_rng(devices=[]):                 # the notebook's random state is left as it was
+        base = tiny_llama(seed=0)
+        torch.manual_seed(1)
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                use_rslora=rslora)).train()
+        ids = torch.randint(0, base.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        out = []
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                out.append(torch.cat([m.get_delta_weight("default").reshape(-1) for m in layers]))
+    return out
+
+
+def _live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, new_lr):
+    """||ΔW_new - ΔW_ref|| / ||ΔW_ref|| after each step, and ΔW_new's size in units of ΔW_ref's."""
+    ref = _live_delta_w(r, alpha, lr, rslora)
+    new = _live_delta_w(r, new_alpha, new_lr, new_rslora)
+    return ([((b - a).norm() / a.norm()).item() for a, b in zip(ref, new)],
+            [(b @ a / (a @ a)).item() for a, b in zip(ref, new)])
+
+
+def check_matching_lr(fn):
+    """Build it, chapter 7. fn(r, alpha, lr, new_alpha, rslora, new_rslora) -> the learning rate at
+    which a LoRA of the same rank r with new_alpha (rsLoRA if new_rslora) makes the same first
+    updates ΔW = scaling B A as the one at (alpha, lr) (rsLoRA if rslora). Adam moves each entry of
+    B by about lr in its first steps, whatever the gradient's size, so ΔW moves by about scaling x lr:
+    the answer is lr x scaling / new_scaling, with scaling alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    First the numbers, on 5 hidden cases, against that rule to 1e-9 relative, with a diagnosis when
+    wrong. Then live runs with peft, on 3 other cases: a tiny random Llama with LoRA on q and v, the
+    same A at the start, 3 AdamW steps on one fixed batch at (alpha, lr) and at (new_alpha, your lr);
+    ΔW after each step must agree within 1e-2 (step 1) and 0.15 (steps 2 and 3) of the reference's
+    norm. Measured with the exact rule: at most 0.2% after step 1 (Adam's eps, 1e-8, is not scale-free
+    for the smallest gradients) and 7% after step 3 (A moves by about lr per step too, and the lrs
+    differ: "close, not equal", the chapter's section 3)."""
+    from .lora import lora_scaling
+    for r, alpha, lr, new_alpha, rslora, new_rslora in STEP_RULE_CASES:
+        done, got = _attempt(fn, r, alpha, lr, new_alpha, rslora, new_rslora)
+        if not done:
+            return _todo("the learning rate that matches a new alpha")
+        where = f"from {_setting(r, alpha, rslora)} at lr={lr:g} to {_setting(r, new_alpha, new_rslora)}"
+        try:
+            if isinstance(got, (str, bytes)):
+                raise TypeError
+            got = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(f"{where}: you returned {type(got).__name__}; return the learning rate, a number") \
+                from None
+        s, s_new = lora_scaling(alpha, r, rslora), lora_scaling(new_alpha, r, new_rslora)
+        want = lr * s / s_new
+        if math.isclose(got, want, rel_tol=1e-9):
+            continue
+        near = lambda x: math.isclose(got, x, rel_tol=1e-9)   # noqa: E731
+        hints = [(near(lr), f"you returned lr unchanged, but the scaling goes from {s:.4g} to {s_new:.4g}: "
+                            "the learning rate must make up the difference"),
+                 (near(lr * s_new / s), "the ratio is upside down (lr x new_scaling / scaling): a larger scaling "
+                                        "makes larger steps, so it needs a SMALLER learning rate"),
+                 (any(near(x) for x in (s, s_new, s / s_new, s_new / s)),
+                  "that is a scaling (or a ratio of scalings), not a learning rate: multiply lr by it"),
+                 (near(lr * alpha / new_alpha), "you kept lr x alpha constant (one rule for both settings), which "
+                                                "holds when both scale alike; here one is rsLoRA, whose scaling is "
+                                                "alpha / sqrt(r), the other plain LoRA's alpha / r"),
+                 (near(lr * lora_scaling(alpha, r, new_rslora) / lora_scaling(new_alpha, r, rslora)),
+                  "you swapped the two rules: `rslora` is the first setting's, `new_rslora` the new one's")]
+        hint = next((h for cond, h in hints if cond), "keep scaling x lr the same: lr x scaling / new_scaling")
+        raise AssertionError(f"{where}: you gave lr={got:.6g}, expected {want:.6g} = {lr:g} x {s:.4g} / {s_new:.4g}: "
+                             f"{hint}")
+    worst = [0.0] * len(STEP_LIVE_TOL)
+    for r, alpha, lr, new_alpha, rslora, new_rslora in STEP_LIVE_CASES:
+        done, got = _attempt(fn, r, alpha, lr, new_alpha, rslora, new_rslora)
+        if not done:
+            return _todo("the learning rate that matches a new alpha")
+        got = float(got)
+        gaps, sizes = _live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, got)
+        for step, (gap, size, tol) in enumerate(zip(gaps, sizes, STEP_LIVE_TOL), start=1):
+            if gap > tol:
+                s, s_new = lora_scaling(alpha, r, rslora), lora_scaling(new_alpha, r, new_rslora)
+                raise AssertionError(
+                    f"live peft runs (tiny Llama, LoRA on q and v, AdamW), {_setting(r, alpha, rslora)} at lr={lr:g} "
+                    f"against {_setting(r, new_alpha, new_rslora)} at your lr={got:.6g}: after step {step} of "
+                    f"{len(STEP_LIVE_TOL)} the two ΔW = scaling B A differ by {100 * gap:.3g}% of the reference's norm "
+                    f"(tolerance {100 * tol:g}%); yours is {size:.3g} x the reference's. Adam moves B by about lr per "
+                    f"entry, so ΔW moves by about scaling x lr: {s:.4g} x {lr:g} = {s * lr:.3g} there, "
+                    f"{s_new:.4g} x {got:.3g} = {s_new * got:.3g} in yours")
+            worst[step - 1] = max(worst[step - 1], gap)
+    return _ok(f"lr x scaling / new_scaling on {len(STEP_RULE_CASES)} hidden cases (to 1e-9); in live peft runs "
+               f"({len(STEP_LIVE_CASES)} cases, 3 AdamW steps) your lr's ΔW is within {worst[0]:.1%} of the reference's "
+               f"after step 1 and {worst[-1]:.0%} after step 3: A moves by lr too, so close, not equal")
+
+
 def check_virtual_tokens(fn):
     """fn(embeds, attention_mask, labels, prompt) -> (embeds, attention_mask, labels) with prompt
     tuning's n virtual tokens in front of every row: embeds (B, T, d), attention_mask (B, T),
