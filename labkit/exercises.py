@@ -729,19 +729,9 @@ def _check_refusal(quantize):
                          "block size (bitsandbytes pads a short last block; this lab leaves that out)")
 
 
-def check_nf4_blockwise(quantize, dequantize):
-    """Build it, chapter 4. quantize(w, blocksize) -> (packed, absmax): packed uint8 (n // 2,), two
-    4-bit NF4 codes per byte (element 2j in the high nibble), absmax float32 (n // blocksize,), one
-    per block of consecutive elements of w.reshape(-1); a ValueError when n is not a multiple of
-    blocksize. dequantize(packed, absmax, shape, blocksize) -> float32 tensor of `shape`.
-
-    Against bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4"): packed bytes and
-    absmax identical (torch.equal). dequantize is fed bitsandbytes' own bytes and absmax and must
-    give code[index] * absmax, bitsandbytes' formula, to within 1e-6 x the block's absmax (a float32
-    rounding; exact in practice). That reference is decoded in plain torch, not by bitsandbytes' CPU
-    kernel, which differs between CPUs; tests/test_build_labs_ch2_ch4.py holds it equal to
-    dequantize_4bit on these cases."""
-    checked_dequantize = True
+def _check_nf4_quantize(quantize):
+    """True if quantize matches bitsandbytes on every hidden case (and refuses a bad size), False if
+    it is not attempted; raises AssertionError naming the first mistake."""
     for i in range(len(NF4_CASES)):
         w, blocksize = _nf4_case(i)
         shape, n = tuple(w.shape), w.numel()
@@ -749,7 +739,7 @@ def check_nf4_blockwise(quantize, dequantize):
         want_packed, want_absmax = _nf4_reference(w, blocksize)
         done, got = _attempt(quantize, w.clone(), blocksize)
         if not done:
-            return _todo("blockwise NF4 quantize")
+            return False
         assert isinstance(got, (tuple, list)) and len(got) == 2, \
             f"{where}: quantize should return (packed, absmax), got {type(got).__name__}"
         packed, absmax = (torch.as_tensor(t) for t in got)
@@ -763,18 +753,28 @@ def check_nf4_blockwise(quantize, dequantize):
         if not torch.equal(packed.reshape(-1), want_packed):
             why = _explain_codes(w, _nibbles(packed, n), _nibbles(want_packed, n), want_absmax, blocksize)
             raise AssertionError(f"{where}: your packed bytes differ from bitsandbytes': {why}")
+    _check_refusal(quantize)
+    return True
 
+
+def _check_nf4_dequantize(dequantize):
+    """True if dequantize decodes bitsandbytes' own bytes and absmax right on every hidden case, False
+    if it is not attempted; raises AssertionError naming the first mistake. Needs no quantize of yours."""
+    from .quant import nf4_codebook
+    for i in range(len(NF4_CASES)):
+        w, blocksize = _nf4_case(i)
+        shape, n = tuple(w.shape), w.numel()
+        where = f"w of shape {shape}, blocksize {blocksize}"
+        want_packed, want_absmax = _nf4_reference(w, blocksize)
         done, out = _attempt(dequantize, want_packed.clone(), want_absmax.clone(), shape, blocksize)
         if not done:
-            checked_dequantize = False
-            continue
+            return False
         want = _nf4_decode(want_packed, want_absmax, n, blocksize).reshape(shape)
         assert isinstance(out, torch.Tensor), f"{where}: dequantize returned {type(out).__name__}, not a tensor"
         assert tuple(out.shape) == tuple(shape), f"{where}: dequantize gave shape {tuple(out.shape)}, expected {shape}"
         assert out.dtype == torch.float32, f"{where}: dequantize gave {out.dtype}, expected torch.float32"
         err = (out - want).abs().reshape(-1)
         if not (err <= 1e-6 * want_absmax.repeat_interleave(blocksize)).all():
-            from .quant import nf4_codebook
             idx, flat = _nibbles(want_packed, n), out.reshape(-1)
             if torch.equal(flat, nf4_codebook()[idx]):
                 why = "your values are the codes alone, in [-1, 1]: multiply each by its block's absmax"
@@ -783,8 +783,46 @@ def check_nf4_blockwise(quantize, dequantize):
             else:
                 why = _first_wrong(out, want, atol=1e-6 * want_absmax.max().item())
             raise AssertionError(f"{where}: dequantize of bitsandbytes' bytes is wrong: {why}")
-    _check_refusal(quantize)
-    if not checked_dequantize:
+    return True
+
+
+def check_nf4_blockwise(quantize, dequantize):
+    """Build it, chapter 4. quantize(w, blocksize) -> (packed, absmax): packed uint8 (n // 2,), two
+    4-bit NF4 codes per byte (element 2j in the high nibble), absmax float32 (n // blocksize,), one
+    per block of consecutive elements of w.reshape(-1); a ValueError when n is not a multiple of
+    blocksize. dequantize(packed, absmax, shape, blocksize) -> float32 tensor of `shape`.
+
+    Against bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4"): packed bytes and
+    absmax identical (torch.equal). dequantize is fed bitsandbytes' own bytes and absmax and must
+    give code[index] * absmax, bitsandbytes' formula, to within 1e-6 x the block's absmax (a float32
+    rounding; exact in practice). That reference is decoded in plain torch, not by bitsandbytes' CPU
+    kernel, which differs between CPUs; tests/test_build_labs_ch2_ch4.py holds it equal to
+    dequantize_4bit on these cases.
+
+    The two are checked independently (dequantize never sees the output of your quantize), and each
+    is reported: ✓, not attempted, or an AssertionError that names the mistake. A wrong quantize is
+    raised after dequantize's ✓ is printed (or with dequantize's own mistake appended). Full ✓ only
+    when both pass; with neither attempted, one line (quantize's) says so."""
+    try:
+        q_done, q_error = _check_nf4_quantize(quantize), None
+    except AssertionError as e:
+        q_done, q_error = True, e
+    try:
+        d_done = _check_nf4_dequantize(dequantize)
+    except AssertionError as d_error:
+        if q_error is not None:
+            raise AssertionError(f"{q_error}\n(and dequantize too: {d_error})") from q_error
+        raise
+    if q_error is not None:
+        if d_done:
+            _ok(f"dequantize: bitsandbytes' bytes decoded to code[index] x absmax on {len(NF4_CASES)} hidden cases")
+        raise q_error
+    if not q_done and not d_done:
+        return _todo("blockwise NF4 quantize")
+    if not q_done:
+        _ok(f"dequantize: bitsandbytes' bytes decoded to code[index] x absmax on {len(NF4_CASES)} hidden cases")
+        return _todo("blockwise NF4 quantize")
+    if not d_done:
         _ok(f"quantize: packed bytes and absmax identical to bitsandbytes on {len(NF4_CASES)} hidden cases")
         return _todo("blockwise NF4 dequantize")
     return _ok(f"blockwise NF4: bytes and absmax identical to bitsandbytes' quantize_4bit on {len(NF4_CASES)} hidden "
@@ -1319,6 +1357,123 @@ def check_rank_under_budget(fn):
         assert got == want, (f"{name}, {targets}, {limit / 2**20:.0f} MiB: you gave r={got}, expected r={want} "
                              f"({per_rank:,} parameters per unit of rank, 16 bytes each)")
     return _ok("the adapters' bill grows linearly in r: 16 bytes x r x sum(in + out) over targets and layers")
+
+
+# Build it (chapter 7): alpha as a step size. The hidden cases, (r, alpha, lr, new_alpha, rslora,
+# new_rslora): for the rule, and (others) for the live peft runs.
+STEP_RULE_CASES = ((8, 16, 2e-3, 32, False, False), (16, 32, 1e-3, 4, False, True), (64, 16, 2e-3, 4, True, True),
+                   (64, 16, 2e-3, 128, True, False), (4, 8, 1e-4, 2, False, False))
+STEP_LIVE_CASES = ((8, 16, 2e-3, 64, False, False), (16, 32, 1e-3, 16, False, True), (64, 16, 2e-3, 64, True, False))
+STEP_LIVE_TOL = (1e-2, 0.15, 0.15)        # ||ΔW_yours - ΔW_reference|| / ||ΔW_reference|| after steps 1, 2, 3
+
+
+def _setting(r, alpha, rslora):
+    from .lora import lora_scaling
+    s = lora_scaling(alpha, r, rslora)
+    return f"{'rsLoRA' if rslora else 'LoRA'} r={r} alpha={alpha:g} (scaling {s:.4g})"
+
+
+def _live_delta_w(r, alpha, lr, rslora, steps=3):
+    """peft's LoRA on q and v of a tiny random Llama (tiny_llama(seed=0): hidden 64, 2 layers), its A
+    drawn from seed 1 whatever alpha, lr and rslora, trained `steps` AdamW steps (weight decay 0, as
+    lk.train.train) on one fixed batch of 4 x 16 random tokens, fp32 on the CPU. Returns, after each
+    step, ΔW = scaling B A of every adapted module (peft's get_delta_weight), flattened and joined."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from .models import tiny_llama
+    with torch.random.fork_rng(devices=[]):                 # the notebook's random state is left as it was
+        base = tiny_llama(seed=0)
+        torch.manual_seed(1)
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                use_rslora=rslora)).train()
+        ids = torch.randint(0, base.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        out = []
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                out.append(torch.cat([m.get_delta_weight("default").reshape(-1) for m in layers]))
+    return out
+
+
+def _live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, new_lr):
+    """||ΔW_new - ΔW_ref|| / ||ΔW_ref|| after each step, and ΔW_new's size in units of ΔW_ref's."""
+    ref = _live_delta_w(r, alpha, lr, rslora)
+    new = _live_delta_w(r, new_alpha, new_lr, new_rslora)
+    return ([((b - a).norm() / a.norm()).item() for a, b in zip(ref, new)],
+            [(b @ a / (a @ a)).item() for a, b in zip(ref, new)])
+
+
+def check_matching_lr(fn):
+    """Build it, chapter 7. fn(r, alpha, lr, new_alpha, rslora, new_rslora) -> the learning rate at
+    which a LoRA of the same rank r with new_alpha (rsLoRA if new_rslora) makes the same first
+    updates ΔW = scaling B A as the one at (alpha, lr) (rsLoRA if rslora). Adam moves each entry of
+    B by about lr in its first steps, whatever the gradient's size, so ΔW moves by about scaling x lr:
+    the answer is lr x scaling / new_scaling, with scaling alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    First the numbers, on 5 hidden cases, against that rule to 1e-9 relative, with a diagnosis when
+    wrong. Then live runs with peft, on 3 other cases: a tiny random Llama with LoRA on q and v, the
+    same A at the start, 3 AdamW steps on one fixed batch at (alpha, lr) and at (new_alpha, your lr);
+    ΔW after each step must agree within 1e-2 (step 1) and 0.15 (steps 2 and 3) of the reference's
+    norm. Measured with the exact rule: at most 0.2% after step 1 (Adam's eps, 1e-8, is not scale-free
+    for the smallest gradients) and 7% after step 3 (A moves by about lr per step too, and the lrs
+    differ: "close, not equal", the chapter's section 3)."""
+    from .lora import lora_scaling
+    for r, alpha, lr, new_alpha, rslora, new_rslora in STEP_RULE_CASES:
+        done, got = _attempt(fn, r, alpha, lr, new_alpha, rslora, new_rslora)
+        if not done:
+            return _todo("the learning rate that matches a new alpha")
+        where = f"from {_setting(r, alpha, rslora)} at lr={lr:g} to {_setting(r, new_alpha, new_rslora)}"
+        try:
+            if isinstance(got, (str, bytes)):
+                raise TypeError
+            got = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(f"{where}: you returned {type(got).__name__}; return the learning rate, a number") \
+                from None
+        s, s_new = lora_scaling(alpha, r, rslora), lora_scaling(new_alpha, r, new_rslora)
+        want = lr * s / s_new
+        if math.isclose(got, want, rel_tol=1e-9):
+            continue
+        near = lambda x: math.isclose(got, x, rel_tol=1e-9)   # noqa: E731
+        hints = [(near(lr), f"you returned lr unchanged, but the scaling goes from {s:.4g} to {s_new:.4g}: "
+                            "the learning rate must make up the difference"),
+                 (near(lr * s_new / s), "the ratio is upside down (lr x new_scaling / scaling): a larger scaling "
+                                        "makes larger steps, so it needs a SMALLER learning rate"),
+                 (any(near(x) for x in (s, s_new, s / s_new, s_new / s)),
+                  "that is a scaling (or a ratio of scalings), not a learning rate: multiply lr by it"),
+                 (near(lr * alpha / new_alpha), "you kept lr x alpha constant (one rule for both settings), which "
+                                                "holds when both scale alike; here one is rsLoRA, whose scaling is "
+                                                "alpha / sqrt(r), the other plain LoRA's alpha / r"),
+                 (near(lr * lora_scaling(alpha, r, new_rslora) / lora_scaling(new_alpha, r, rslora)),
+                  "you swapped the two rules: `rslora` is the first setting's, `new_rslora` the new one's")]
+        hint = next((h for cond, h in hints if cond), "keep scaling x lr the same: lr x scaling / new_scaling")
+        raise AssertionError(f"{where}: you gave lr={got:.6g}, expected {want:.6g} = {lr:g} x {s:.4g} / {s_new:.4g}: "
+                             f"{hint}")
+    worst = [0.0] * len(STEP_LIVE_TOL)
+    for r, alpha, lr, new_alpha, rslora, new_rslora in STEP_LIVE_CASES:
+        done, got = _attempt(fn, r, alpha, lr, new_alpha, rslora, new_rslora)
+        if not done:
+            return _todo("the learning rate that matches a new alpha")
+        got = float(got)
+        gaps, sizes = _live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, got)
+        for step, (gap, size, tol) in enumerate(zip(gaps, sizes, STEP_LIVE_TOL), start=1):
+            if gap > tol:
+                s, s_new = lora_scaling(alpha, r, rslora), lora_scaling(new_alpha, r, new_rslora)
+                raise AssertionError(
+                    f"live peft runs (tiny Llama, LoRA on q and v, AdamW), {_setting(r, alpha, rslora)} at lr={lr:g} "
+                    f"against {_setting(r, new_alpha, new_rslora)} at your lr={got:.6g}: after step {step} of "
+                    f"{len(STEP_LIVE_TOL)} the two ΔW = scaling B A differ by {100 * gap:.3g}% of the reference's norm "
+                    f"(tolerance {100 * tol:g}%); yours is {size:.3g} x the reference's. Adam moves B by about lr per "
+                    f"entry, so ΔW moves by about scaling x lr: {s:.4g} x {lr:g} = {s * lr:.3g} there, "
+                    f"{s_new:.4g} x {got:.3g} = {s_new * got:.3g} in yours")
+            worst[step - 1] = max(worst[step - 1], gap)
+    return _ok(f"lr x scaling / new_scaling on {len(STEP_RULE_CASES)} hidden cases (to 1e-9); in live peft runs "
+               f"({len(STEP_LIVE_CASES)} cases, 3 AdamW steps) your lr's ΔW is within {worst[0]:.1%} of the reference's "
+               f"after step 1 and {worst[-1]:.0%} after step 3: A moves by lr too, so close, not equal")
 
 
 def check_virtual_tokens(fn):

@@ -296,8 +296,9 @@ def test_nf4_checker_names_each_dequantize_mistake(dequantize, message):
 
 
 def test_nf4_checker_reports_skeletons(capsys):
-    ex.check_nf4_blockwise(todo, todo)
-    assert capsys.readouterr().out.startswith("… blockwise NF4 quantize: not attempted yet")
+    ex.check_nf4_blockwise(todo, todo)                      # one line, as chapter 4's skeleton cell saves it
+    assert capsys.readouterr().out == ("… blockwise NF4 quantize: not attempted yet (replace the "
+                                       "NotImplementedError with your code)\n")
     ex.check_nf4_blockwise(quantize_loop, todo)
     out = capsys.readouterr().out
     assert "✓ quantize: packed bytes and absmax identical to bitsandbytes" in out
@@ -321,3 +322,33 @@ def test_the_nf4_checkers_references_are_bitsandbytes(case):
     theirs = bnbF.dequantize_4bit(p_b, s_b).reshape(shape)
     if shape[-1] % blocksize == 0 or shape[-1] % 2:
         assert torch.equal(decoded, theirs)
+
+
+def test_nf4_checker_checks_dequantize_without_quantize(capsys):
+    """dequantize is fed bitsandbytes' own bytes, so it is checked before the learner's quantize
+    works: a right one is reported ✓ (quantize still to do), a wrong one is refused with its reason."""
+    ex.check_nf4_blockwise(todo, dequantize_loop)
+    out = capsys.readouterr().out
+    assert "✓ dequantize: bitsandbytes' bytes decoded to code[index] x absmax on 4 hidden cases" in out
+    assert "… blockwise NF4 quantize: not attempted yet" in out
+    assert "✓ blockwise NF4:" not in out
+
+
+@pytest.mark.parametrize("dequantize, message", [
+    (lambda p, a, shape, bs=64: dequantize_loop((p << 4) | (p >> 4), a, shape, bs), "you read the low nibble first"),
+    (lambda p, a, shape, bs=64: dequantize_loop(p, torch.ones_like(a), shape, bs), "your values are the codes alone"),
+])
+def test_nf4_checker_refuses_a_wrong_dequantize_without_quantize(dequantize, message):
+    with pytest.raises(AssertionError, match=message):
+        ex.check_nf4_blockwise(todo, dequantize)
+
+
+def test_nf4_checker_reports_both_when_quantize_is_wrong(capsys):
+    """A wrong quantize is still raised, after a right dequantize's ✓; with both wrong, both reasons."""
+    with pytest.raises(AssertionError, match="your nibbles are in the wrong order"):
+        ex.check_nf4_blockwise(quantize_variant(swap=True), dequantize_loop)
+    assert "✓ dequantize: bitsandbytes' bytes decoded" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"(?s)your codes are evenly spaced.*\(and dequantize too: .*"
+                                             r"your values are the codes alone"):
+        ex.check_nf4_blockwise(quantize_variant(uniform=True),
+                               lambda p, a, shape, bs=64: dequantize_loop(p, torch.ones_like(a), shape, bs))
