@@ -44,7 +44,7 @@ CHAPTERS = {
     "lowrank": 1,
     "compare": 2,
     "adapter_files": 3,
-    "quant": 4,
+    "quant": 4, "nf4_cpu": 4,                      # nf4_cpu: quant's compiled CPU decode (numba)
     "qlora": 5, "bnb_cpu": 5,
     "finetune": 6,
     "lab": 7, "widgets": 7,

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from . import nf4_cpu
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NF4_OFFSET = 0.9677083          # bitsandbytes' choice: (1 - 1/(2*15) + 1 - 1/(2*16)) / 2
 
@@ -338,6 +340,8 @@ def _code_values_fast(flat, code, name=None):
 def _dequantize_fast(flat, code, absmax, blocksize, n, name=None):
     """dequantize_plain's values (float32, flat), a chunk of blocks at a time: two bytes become four
     values through the decode table, written straight into the output, then scaled in the cache."""
+    if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
+        return nf4_cpu.dequantize(flat, code, absmax, blocksize, n)
     out = torch.empty(n, dtype=torch.float32, device=flat.device)
     full = n - n % blocksize
     if not _table_fits(flat.device):                          # the plain decode, on the device

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from labkit import quant as q
+from labkit import nf4_cpu, quant as q
 from conftest import require
 
 bnbF = require("bitsandbytes.functional")
@@ -252,9 +252,20 @@ def test_fast_quantize_equals_the_plain_steps(shape, blocksize):
         assert torch.equal(packed, p_ref), f"first differing byte: {(packed != p_ref).nonzero()[0].tolist()}"
 
 
+@pytest.fixture(params=["numba", "torch"])
+def decode_path(request, monkeypatch):
+    """Both CPU decodes behind dequantize_nf4: the compiled one (labkit/nf4_cpu.py, where numba
+    imports) and the torch table decode (a GPU's path, and the CPU's without numba)."""
+    if request.param == "numba":
+        require("numba")
+    else:
+        monkeypatch.setattr(nf4_cpu, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_fast_dequantize_equals_the_plain_one_for_every_byte(shape, double_quant):
+def test_fast_dequantize_equals_the_plain_one_for_every_byte(shape, double_quant, decode_path):
     w = weights(shape, seed=7)
     packed, state = q.quantize_nf4(w, 32, double_quant=double_quant)
     n = packed.numel()
@@ -275,7 +286,8 @@ def test_quantize_still_refuses_nan_and_inf_in_any_block():
                 q.quantize_nf4(w)
 
 
-def test_decode_tables_are_few_and_named_codebooks_need_no_host_read():
+def test_decode_tables_are_few_and_named_codebooks_need_no_host_read(monkeypatch):
+    monkeypatch.setattr(nf4_cpu, "available", lambda: False)          # the table decode (a GPU's)
     q._TABLES.clear()
     for k in range(3 * q._MAX_TABLES):                               # many different codebooks
         code = q.int4_codebook() * (1 + k / 100)
@@ -298,3 +310,27 @@ def test_devices_without_complex128_take_the_plain_decode(monkeypatch):
     assert torch.equal(q.dequantize_nf4(packed, state), expected)
     assert torch.equal(q._code_values_fast(packed.reshape(-1), state.code), q.code_values(packed, state.code))
     assert not q._TABLES                                     # no table was built
+
+
+def test_the_compiled_decode_is_taken_on_the_cpu_and_leaves_torch_threads_alone(monkeypatch):
+    """Where numba imports (under CI it must: it is a dependency), dequantize_nf4 on the CPU runs the
+    compiled loop, serial below SERIAL_BELOW values and threaded above, with values equal to the plain
+    decode's; and it must not change torch's thread count (numba's OpenMP layer did: 1 became 2)."""
+    require("numba")
+    calls = []
+    real = nf4_cpu._decode
+    monkeypatch.setattr(nf4_cpu, "_decode", lambda *a: calls.append(a[4]) or real(*a))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for shape in ((33, 64), (nf4_cpu.SERIAL_BELOW // 64 + 3, 64)):       # serial, then threaded
+            packed, state = q.quantize_nf4(weights(shape, seed=3), 64, double_quant=True)
+            assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
+            assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        packed, state = q.quantize_nf4(weights((nf4_cpu.SERIAL_BELOW // 64 + 3, 64), seed=4), 64)
+        assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [33 * 64, (nf4_cpu.SERIAL_BELOW // 64 + 3) * 64, (nf4_cpu.SERIAL_BELOW // 64 + 3) * 64]
