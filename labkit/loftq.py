@@ -1,0 +1,61 @@
+"""LoftQ from scratch (chapter 10): start the adapter where it absorbs the quantization error.
+
+QLoRA starts from B = 0, so the model it trains is the NF4 base, Q = NF4(W), and the first steps
+spend themselves winning back W - Q. LoftQ (Li et al., ICLR 2024) picks Q and a rank-r B A together,
+so that Q + B A is close to W, by alternating the two best answers it knows:
+
+    res = W
+    repeat `iters` times:
+        Q      = NF4(res)                the nearest NF4 weight to what B A leaves (chapter 4)
+        B, A   = SVD_r(W - Q)            the best rank-r fit of what Q misses (Eckart-Young, chapter 1)
+        res    = W - B A                 (not needed after the last round)
+
+With one round it is "quantize, then fit the error"; more rounds let Q move to where B A helps most.
+peft's `loftq_init` (peft/utils/loftq_utils.py) does the same through bitsandbytes; labkit's NF4 is
+byte-identical to bitsandbytes', so the codes, A and B are equal to the bit (tests/test_loftq.py).
+peft splits the singular values evenly: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, and so does this.
+"""
+import torch
+
+from .quant import dequantize_nf4, quantize_nf4
+
+
+def svd_factors(M, r):
+    """The best rank-r fit of M as B (out, r) @ A (r, in), the singular values split evenly between
+    them: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T (peft's _low_rank_decomposition)."""
+    if M.dim() != 2:
+        raise ValueError(f"expected a matrix, got a tensor of shape {tuple(M.shape)}")
+    if not 1 <= r <= min(M.shape):
+        raise ValueError(f"rank r={r} must be between 1 and min{tuple(M.shape)} = {min(M.shape)}")
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+
+def loftq(W, r, iters=1, blocksize=64):
+    """LoftQ's alternation on one weight W (out, in), float32: returns (packed, state, A, B) with the
+    NF4 base (packed, state: lk.quantize_nf4's, without double quantization, as peft's loftq_init)
+    and A (r, in), B (out, r), so that dequantize_nf4(packed, state) + B @ A is close to W."""
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a whole number >= 1, got {iters!r}")
+    if W.dim() != 2:
+        raise ValueError(f"LoftQ works on one weight matrix; got a tensor of shape {tuple(W.shape)}")
+    if not 1 <= r <= min(W.shape):
+        raise ValueError(f"rank r={r} must be between 1 and min{tuple(W.shape)} = {min(W.shape)}")
+    W = W.detach().float()
+    res = W
+    for step in range(iters):
+        packed, state = quantize_nf4(res, blocksize)
+        B, A = svd_factors(W - dequantize_nf4(packed, state), r)
+        if step + 1 < iters:
+            res = W - B @ A
+    return packed, state, A, B
+
+
+def errors(W, r, iters=1, blocksize=64):
+    """(||W - Q||, ||W - (Q + B A)||) in the Frobenius norm: QLoRA's start against LoftQ's, with Q
+    the plain NF4 weight in the first and LoftQ's own base in the second."""
+    W = W.detach().float()
+    plain = dequantize_nf4(*quantize_nf4(W, blocksize))
+    packed, state, A, B = loftq(W, r, iters, blocksize)
+    return torch.linalg.norm(W - plain).item(), torch.linalg.norm(W - dequantize_nf4(packed, state) - B @ A).item()
