@@ -101,13 +101,13 @@ def test_a_wrong_lr_is_refused_by_the_live_runs():
 def test_the_live_tolerances_have_margin():
     """With the exact rule the live ΔW agree well inside the stated tolerances (measured: 0.2% after step
     1, 7% after step 3); the inverted ratio misses by 75% or more from step 1 on."""
-    for r, alpha, lr, new_alpha, rslora, new_rslora in ex.STEP_LIVE_CASES:
+    for r, alpha, lr, new_alpha, rslora, new_rslora in ex.ch7.STEP_LIVE_CASES:
         good = right(r, alpha, lr, new_alpha, rslora, new_rslora)
-        gaps, sizes = ex._live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, good)
-        assert all(g < tol / 2 for g, tol in zip(gaps, ex.STEP_LIVE_TOL)), gaps
+        gaps, sizes = ex.ch7._live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, good)
+        assert all(g < tol / 2 for g, tol in zip(gaps, ex.ch7.STEP_LIVE_TOL)), gaps
         assert gaps[0] < 5e-3 and abs(sizes[0] - 1) < 5e-3
         bad = inverted(r, alpha, lr, new_alpha, rslora, new_rslora)
-        assert ex._live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, bad)[0][0] > 0.7
+        assert ex.ch7._live_gaps(r, alpha, lr, new_alpha, rslora, new_rslora, bad)[0][0] > 0.7
 
 
 def test_the_checker_leaves_the_random_state_alone():

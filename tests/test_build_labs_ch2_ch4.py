@@ -305,18 +305,18 @@ def test_nf4_checker_reports_skeletons(capsys):
     assert "… blockwise NF4 dequantize: not attempted yet" in out
 
 
-@pytest.mark.parametrize("case", range(len(ex.NF4_CASES)))
+@pytest.mark.parametrize("case", range(len(ex.ch4.NF4_CASES)))
 def test_the_nf4_checkers_references_are_bitsandbytes(case):
     """The checker takes bitsandbytes' quantize_4bit as it is (pure torch on every CPU), and decodes
     its bytes in plain torch: equal to labkit's dequantize_nf4 on every case, and to bitsandbytes'
     dequantize_4bit wherever its CPU kernel is right (tests/test_quant.py: not on an even last
     dimension that is not a multiple of the block size, such as (6, 96), on AVX512 CPUs)."""
-    w, blocksize = ex._nf4_case(case)
+    w, blocksize = ex.ch4._nf4_case(case)
     shape = tuple(w.shape)
-    packed, absmax = ex._nf4_reference(w, blocksize)
+    packed, absmax = ex.ch4._nf4_reference(w, blocksize)
     p_l, s_l = lk.quant.quantize_nf4(w, blocksize)
     assert torch.equal(packed, p_l.reshape(-1)) and torch.equal(absmax, s_l.absmax)
-    decoded = ex._nf4_decode(packed, absmax, w.numel(), blocksize).reshape(shape)
+    decoded = ex.ch4._nf4_decode(packed, absmax, w.numel(), blocksize).reshape(shape)
     assert torch.equal(decoded, lk.quant.dequantize_nf4(p_l, s_l))
     p_b, s_b = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
     theirs = bnbF.dequantize_4bit(p_b, s_b).reshape(shape)

@@ -244,9 +244,11 @@ def test_graded_gives_marks_only_when_every_part_passed():
             ex.check_rslora_scaling(lambda alpha, r: _not_yet())
     with pytest.raises(AssertionError, match="not attempted"):      # one part done, one not: no marks
         with ex.graded():
-            ex._ok("first part")
-            ex._todo("second part")
+            ex._common._ok("first part")
+            ex._common._todo("second part")
     with pytest.raises(AssertionError, match="no checker ran"):
         with ex.graded():
             pass
-    assert ex._VERDICTS == []                                         # nothing is left behind for the next cell
+    assert ex._common._VERDICTS == []                                         # nothing is left behind for the next cell
+    ex.check_rslora_scaling(lambda alpha, r: alpha / r ** 0.5)                # outside graded(): nothing recorded
+    assert ex._common._VERDICTS == [] and ex._common._GRADING == []

@@ -30,7 +30,13 @@ LATER_IMPORTS_KEPT = {
 
 
 def modules():
-    return sorted(p.stem for p in PACKAGE.glob("*.py"))
+    """labkit's modules and sub-packages (exercises/) by name."""
+    return sorted([p.stem for p in PACKAGE.glob("*.py")] + [d.name for d in PACKAGE.iterdir() if (d / "__init__.py").exists()])
+
+
+def source(name):
+    path = PACKAGE / f"{name}.py"
+    return (path if path.exists() else PACKAGE / name / "__init__.py").read_text()
 
 
 def imports(name):
@@ -59,7 +65,7 @@ def imports(name):
                 found.extend([(where, a.name.split(".")[1]) for a in child.names if a.name.startswith("labkit.")])
             visit(child, where)
 
-    visit(ast.parse((PACKAGE / f"{name}.py").read_text()), "<module>")
+    visit(ast.parse(source(name)), "<module>")
     return [(where, m) for where, m in found if m != name]
 
 
@@ -138,7 +144,9 @@ def notebook_uses():
     """{module: first chapter whose notebook uses it}, from the code cells of notebooks/NN_*.ipynb."""
     exported = {}                                  # names reachable as lk.<name> or lk.<module>.<name>
     for name in modules():
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        if name == "exercises":                    # its chN modules are chapter N's by name (test below)
+            continue
+        tree = ast.parse(source(name))
         for node in tree.body:                     # module-level re-exports only
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 for a in node.names:
@@ -179,3 +187,18 @@ def test_the_chapter_map_is_where_the_notebooks_first_use_each_module():
     first = notebook_uses()
     wrong = {m: (lk.CHAPTERS.get(m), c) for m, c in first.items() if lk.CHAPTERS.get(m) != c}
     assert not wrong, f"lk.CHAPTERS against the first chapter that uses each module (map, notebooks): {wrong}"
+
+
+def test_each_chapters_checkers_import_only_what_that_chapter_has_met():
+    """labkit/exercises/chN.py holds chapter N's checkers: it may use labkit's modules of chapters 0 to N
+    (a checker of chapter 3 that needs chapter 5's layer would check with something the reader has not met)."""
+    found = []
+    for path in sorted((PACKAGE / "exercises").glob("ch*.py")):
+        chapter = int(path.stem[2:])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:                  # from ..x import y, from .. import x
+                for m in ([node.module.split(".")[0]] if node.module else [a.name for a in node.names]):
+                    if lk.CHAPTERS[m] > chapter:
+                        found.append(f"{path.name} imports {m} (chapter {lk.CHAPTERS[m]})")
+    assert len(list((PACKAGE / "exercises").glob("ch*.py"))) == 10
+    assert not found, found
