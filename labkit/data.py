@@ -140,6 +140,17 @@ def probe_score(answers, rows):
     return sum(right) / len(right)
 
 
+def write_json(path, obj):
+    """Write `obj` to `path` as JSON (indent 1, a final newline), atomically: into a temporary file
+    beside it, then renamed over it, so a reader (or a crash) never leaves a half-written cache.
+    The folder is made if it is missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def locked_json(path):
     """`with locked_json(path) as result:` the JSON file's current contents ({} if it does not exist),
@@ -153,6 +164,4 @@ def locked_json(path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = json.loads(path.read_text()) if path.exists() else {}
         yield result
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)                               # readers never see a half-written file
+        write_json(path, result)                            # readers never see a half-written file

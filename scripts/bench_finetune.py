@@ -22,8 +22,6 @@ data/results/bench_finetune.json` on a quiet machine).
 """
 import argparse
 import itertools
-import json
-import os
 import platform
 import statistics
 import time
@@ -196,10 +194,7 @@ def main():
                              "worst_prediction_error": worst,
                              "labkit_over_trainer_throughput": t["Trainer"] / t["labkit"]},
                   "trainer_seconds": t, "bnb_peft_qlora_s_per_step": bnb_s}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        lk.data.write_json(args.json, result)
         print(f"\nwritten to {args.json}")
 
 

@@ -12,8 +12,6 @@ checks their losses against the cached ones; with LABKIT_RETRAIN=1, on a GPU or 
 model it computes everything itself instead.
 """
 import argparse
-import json
-import os
 import platform
 from pathlib import Path
 
@@ -47,10 +45,7 @@ def main():
         del row
         print(f"{method}: exact match {result['runs'][method]['exact_match']:.0%}, "
               f"probe {result['runs'][method]['probe']:.0%}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    lk.data.write_json(args.out, result)
     print(f"NF4 base probe {nf4_probe:.0%}; written to {args.out}")
 
 

@@ -11,8 +11,6 @@ q_proj update, and the top-8 energy of all 30 layers' q_proj updates. Its 10-ste
 Chapter 1's solutions read it instead of training again (LABKIT_RETRAIN=1 trains live instead).
 """
 import argparse
-import json
-import os
 import platform
 from pathlib import Path
 
@@ -54,10 +52,7 @@ def main():
                            "cpu_threads": torch.get_num_threads(), "avx512_bf16": lk.session.cpu_has_avx512_bf16(),
                            "machine": platform.machine()},
               "losses": [float(x) for x in losses], "measured": {str(k): v for k, v in measured.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    lk.data.write_json(args.out, result)
     for k, v in measured.items():
         print(f"after {k:>2} steps: top-8 energy {v['layer10_top8']:.2f}, r for 90% {v['layer10_rank90']}")
     print(f"written to {args.out}")

@@ -332,3 +332,18 @@ def test_per_device_bill_reproduces_the_zero_paper():
         memory.per_device_bill(1, 1, 2, 4)
     with pytest.raises(ValueError, match="devices must be"):
         memory.per_device_bill(1, 1, 0, 1)
+
+
+def test_write_json_is_atomic_and_makes_its_folder(tmp_path, monkeypatch):
+    """lk.data.write_json, which every cache script and locked_json write through: the folder is made,
+    the file ends in a newline, no temporary file is left, and a write that fails half-way leaves the
+    old file as it was (the rename is the only step that touches it)."""
+    path = tmp_path / "new" / "cache.json"
+    data.write_json(path, {"a": [1, 2]})
+    assert path.read_text() == '{\n "a": [\n  1,\n  2\n ]\n}\n' and sorted(p.name for p in path.parent.iterdir()) == ["cache.json"]
+    with pytest.raises(TypeError):
+        data.write_json(path, {"a": object()})                       # not JSON: fails before the rename
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    with data.locked_json(path) as cache:
+        cache["b"] = 3
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 3}
