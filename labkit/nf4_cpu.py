@@ -63,7 +63,7 @@ def dequantize(flat, code, absmax, blocksize, n):
     # 5 to 7) were not checked against it, so it is not done.
     out = torch.empty(n, dtype=torch.float32)
     code16 = torch.zeros(16, dtype=torch.float32)
-    code16[: code.numel()] = code.float().cpu()
+    code16[: code.numel()] = code.float()                    # on the CPU already: the caller checks
     threads = 1 if n < SERIAL_BELOW else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != threads:                  # as many threads as torch uses (OMP_NUM_THREADS)
         numba.set_num_threads(threads)
