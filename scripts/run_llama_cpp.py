@@ -2,8 +2,16 @@
 run by llama.cpp (through llama-cpp-python) on the base model's Q4_1 GGUF, and compared with the
 answers labkit's cache holds for the same adapters (fp32 SmolLM2 through peft, scripts/run_adapters.py).
 
-    pip install llama-cpp-python==0.3.36      # compiles llama.cpp: about 10 minutes on 2 cores
-    python scripts/run_llama_cpp.py           # about 10 minutes on 2 cores
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+      -DGGML_AMX_BF16=OFF" pip install --no-deps llama-cpp-python==0.3.36 diskcache   # compiles: 4 min on 2 cores
+    python scripts/run_llama_cpp.py
+
+Why those flags: llama.cpp's default build (-march=native) compiles its AMX kernels wherever the CPU
+reports AMX, and this project's faster machines report AMX_INT8 while their kernel does not let a
+process use AMX tiles: the first matrix product then dies (a general protection fault at
+ldtilecfg). The flags build llama.cpp for AVX2 and AVX512 without AMX; on a CPU without AVX512
+(the other machine kind) leave out the three AVX512 flags.
 
 Writes data/results/llama_cpp.json: for each adapter and task, llama.cpp's 60 greedy answers, their
 exact match, and how many agree with labkit's cached answers word for word; decoding speed of
@@ -111,19 +119,24 @@ def main():
     merged_q4 = args.work / "merged-q4_1.gguf"
     result["sizes"].update({"merged_safetensors": merged["safetensors"], "merged_f16_gguf": merged["gguf_bytes"],
                             "merged_q4_1_gguf": merged_q4.stat().st_size, "adapter_gguf": result["exports"]["people"]["gguf_bytes"]})
-    llm = llama(merged_q4)
-    got = [answer(llm, tok, r["prompt"], serving.MAX_NEW_TOKENS)[0] for r in tasks["people"]]
-    result["merged_q4_1"] = {"exact_match": lk.data.exact_match(got, [r["response"] for r in tasks["people"]]),
-                             "agree_with_llama_cpp_adapter": sum(a == b for a, b in zip(got, result["answers"]["people"]["people"])) / len(got),
-                             "agree_with_labkit": sum(a == b for a, b in zip(got, cache["answers"]["people"]["people"])) / len(got)}
-    print("merged Q4_1 on people:", result["merged_q4_1"], flush=True)
+    people_refs = [r["response"] for r in tasks["people"]]
+    for label, path in (("merged_f16", merged["gguf"]), ("merged_q4_1", merged_q4)):
+        llm = llama(path)
+        got = [answer(llm, tok, r["prompt"], serving.MAX_NEW_TOKENS)[0] for r in tasks["people"]]
+        del llm
+        result[label] = {"answers": got, "exact_match": lk.data.exact_match(got, people_refs),
+                         "agree_with_llama_cpp_adapter": sum(a == b for a, b in zip(got, result["answers"]["people"]["people"])) / len(got),
+                         "agree_with_labkit": sum(a == b for a, b in zip(got, cache["answers"]["people"]["people"])) / len(got),
+                         "agree_with_llama_cpp_base": sum(a == b for a, b in zip(got, result["answers"]["base"]["people"])) / len(got)}
+        print(label, "on people:", {k: v for k, v in result[label].items() if k != "answers"}, flush=True)
+    result["requantized"] = snapped_back(base, merged_q4, model)
 
     # 4. speed: seconds per token at batch 1, prompt included, the same prompt and token count
     prompt = tasks["people"][0]["prompt"]
     speed = {}
-    for label, path, lora in [("base", base, None), ("adapter", base, ggufs["people"]), ("merged Q4_1", merged_q4, None)]:
+    for label, path, lora in [("base", base, None), ("adapter", base, ggufs["people"]), ("merged f16", merged["gguf"], None),
+                              ("merged Q4_1", merged_q4, None)]:
         speed[f"llama.cpp {label}"] = seconds_per_token_llama(llama(path, lora), tok, prompt)
-    del llm
     labkit_model, _ = lk.load_model("smollm2")
     speed["labkit base"] = lk.finetune.latency_per_token(labkit_model, tok, prompt, SPEED_TOKENS, SPEED_REPEATS)
     lk.load_adapter(labkit_model, serving.adapter_dir("people"))
@@ -135,6 +148,48 @@ def main():
         print(f"{k:<22} {1 / v:6.1f} tokens/s", flush=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", args.out)
+
+
+def snapped_back(base_path, merged_path, model):
+    """What Q4_1 leaves of the merged update dW, over every adapted weight (dW in llama.cpp's row
+    order for q and k): |Q4_1(W0 + dW) - (W0 + dW)| / |dW| (the rounding error against the update),
+    the cosine between the change Q4_1(W0 + dW) - W0 and dW, the share of entries left at the base
+    file's value, and the median Q4_1 grid step (block of 32: (max - min) / 15) against the median |dW|."""
+    import gguf
+    import numpy as np
+    config = json.loads((lk.smollm2_path() / "config.json").read_text())
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+
+    def tensors(path):
+        return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+    def read(t, shape):
+        return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape))
+
+    base_t, merged_t = tensors(base_path), tensors(merged_path)
+    err, cos, same, steps, sizes = [], [], [], [], []
+    for name, layer in lk.lora_layers(model):                   # the unmerged model: merged_to_gguf merged a copy
+        i, kind = int(name.split(".layers.")[1].split(".")[0]), name.rsplit(".", 1)[1]
+        delta = (layer.scaling * layer.lora_B @ layer.lora_A).detach()
+        if kind in heads:                                       # llama.cpp's row order (see lk.export)
+            n = heads[kind]
+            delta = delta.reshape(n, 2, delta.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(delta.shape)
+        g = f"blk.{i}.{GGUF_NAME[kind]}.weight"
+        w0, w1 = read(base_t[g], delta.shape), read(merged_t[g], delta.shape)
+        err.append(((w1 - (w0 + delta)).norm() / delta.norm()).item())
+        cos.append(torch.nn.functional.cosine_similarity((w1 - w0).flatten(), delta.flatten(), dim=0).item())
+        same.append((w1 == w0).float().mean().item())
+        blocks = (w0 + delta).reshape(-1, 32)
+        steps.append(((blocks.max(1).values - blocks.min(1).values) / 15).median().item())
+        sizes.append(delta.abs().median().item())
+    return {"tensors": len(err), "rounding_error_over_update": float(np.mean(err)),
+            "rounding_error_over_update_range": [float(np.min(err)), float(np.max(err))],
+            "cosine_change_update": float(np.mean(cos)), "cosine_change_update_range": [float(np.min(cos)), float(np.max(cos))],
+            "share_unchanged": float(np.mean(same)), "median_grid_step": float(np.median(steps)),
+            "median_abs_update": float(np.median(sizes))}
+
+
+GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
 
 
 if __name__ == "__main__":
