@@ -70,7 +70,10 @@ def fetch_converter(version=LLAMA_CPP_PYTHON):
                        and m.name[len(prefix):].split("/")[0] in _KEEP and (m.isfile() or m.isdir())]
             for m in members:
                 m.name = m.name[len(prefix):]
-            tar.extractall(staging, members=members, filter="data")
+            try:
+                tar.extractall(staging, members=members, filter="data")    # Python 3.10.12+ / 3.11.4+
+            except TypeError:                                            # older: no filter argument
+                tar.extractall(staging, members=members)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(staging), dest)
