@@ -37,7 +37,8 @@ def test_the_constraints_pin_exact_versions_inside_pyprojects_bounds():
     for req in declared:
         bounds.setdefault(req.name.lower(), []).append(req.specifier)
     pins = _constraints()
-    assert len({p.name.lower() for p in pins if not p.marker}) == len([p for p in pins if not p.marker])
+    names = [(p.name.lower(), str(p.marker)) for p in pins]
+    assert len(set(names)) == len(names), "a package pinned twice under the same marker"
     for pin in pins:
         (spec,) = pin.specifier
         assert spec.operator == "==", f"{pin}: constraints.txt pins exact versions"
