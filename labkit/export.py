@@ -42,7 +42,7 @@ _KEEP = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion", "gguf
 def converter_dir(required=True):
     """The folder holding llama.cpp's convert_lora_to_gguf.py: $LABKIT_LLAMA_CPP, else labkit's
     cache (fetch_converter() puts it there). None, or a clear error, when it is missing."""
-    folder = Path(os.environ.get("LABKIT_LLAMA_CPP") or cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}")
+    folder = Path(os.environ.get("LABKIT_LLAMA_CPP") or _cache_folder())
     if (folder / "convert_lora_to_gguf.py").is_file():
         return folder
     if not required:
@@ -53,11 +53,15 @@ def converter_dir(required=True):
         "or point LABKIT_LLAMA_CPP at a llama.cpp checkout")
 
 
-def fetch_converter(version=LLAMA_CPP_PYTHON):
-    """Download llama-cpp-python's sdist with pip and keep llama.cpp's converter from it."""
+def _cache_folder():
+    return cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+
+
+def fetch_converter():
+    """Download llama-cpp-python's sdist (LLAMA_CPP_PYTHON) with pip and keep llama.cpp's converter from it."""
     if converter_dir(required=False) is not None:
         return converter_dir()
-    dest = cache_dir() / f"llama.cpp-{version}"
+    version, dest = LLAMA_CPP_PYTHON, _cache_folder()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={version}", "-d", tmp], check=True)
@@ -179,14 +183,21 @@ def _run(script, args):
     return done
 
 
+_OUTTYPES = ("f32", "f16", "bf16", "q8_0")                # what both converters take as --outtype
+
+
+def _check_outtype(outtype):
+    if outtype not in _OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(_OUTTYPES)}, got {outtype!r}")
+
+
 def adapter_to_gguf(adapter, path, base, outtype="f32"):
     """Write `adapter` as llama.cpp's LoRA GGUF at `path`, through llama.cpp's own converter.
     `base`: the base model's local folder (its config.json is read, never the hub). An rsLoRA
     adapter is written with alpha x sqrt(r), so that llama.cpp's alpha / r is rsLoRA's scale.
     Everything is checked before anything is written. Returns {"path", "alpha", "r", "bytes"}."""
     base = _check_base(base)
-    if outtype not in ("f32", "f16", "bf16", "q8_0"):
-        raise ValueError(f"outtype must be f32, f16, bf16 or q8_0, got {outtype!r}")
+    _check_outtype(outtype)
     converter_dir()                                   # say where to get it before any work
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,8 +221,7 @@ def merged_to_gguf(model, tokenizer, folder, outtype="q8_0"):
     llama.cpp's convert_hf_to_gguf.py. The model is left as it was (merged on a copy).
     Returns {"safetensors": bytes, "gguf": path, "gguf_bytes": bytes}."""
     import copy
-    if outtype not in ("f32", "f16", "bf16", "q8_0"):
-        raise ValueError(f"outtype must be f32, f16, bf16 or q8_0, got {outtype!r}")
+    _check_outtype(outtype)
     converter_dir()
     if hasattr(model, "merge_and_unload"):            # peft
         plain = copy.deepcopy(model).merge_and_unload()
@@ -243,12 +253,10 @@ def read_gguf_adapter(path):
     alpha = float(field.parts[field.data[0]][0])
     tensors = {}
     for t in reader.tensors:
-        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-        else:
-            data = np.asarray(t.data, dtype=np.float32)
+        plain = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+        data = t.data if plain else gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))          # GGUF lists dimensions innermost first
-        tensors[t.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+        tensors[t.name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))   # a copy: the file is mapped read-only
     return alpha, tensors
 
 

@@ -54,6 +54,11 @@ def answer(llm, tok, prompt, max_new_tokens, stop_at_eos=True):
     return tok.decode(out, skip_special_tokens=True).strip(), len(out)
 
 
+def same_share(answers, others):
+    """The share of answers word for word equal to the other list's."""
+    return sum(a == b for a, b in zip(answers, others, strict=True)) / len(answers)
+
+
 def seconds_per_token_llama(llm, tok, prompt):
     best = float("inf")
     for _ in range(SPEED_REPEATS):
@@ -101,7 +106,7 @@ def main():
             ref = cache["answers"][name][t]
             result["answers"].setdefault(name, {})[t] = got
             result["exact_match"].setdefault(name, {})[t] = lk.data.exact_match(got, [r["response"] for r in rows])
-            result["agree_with_labkit"].setdefault(name, {})[t] = sum(a == b for a, b in zip(got, ref)) / len(rows)
+            result["agree_with_labkit"].setdefault(name, {})[t] = same_share(got, ref)
             result["labkit_exact_match"].setdefault(name, {})[t] = cache["scores"][name][t]
             print(f"{name:>7} on {t:<7} llama.cpp {result['exact_match'][name][t]:.0%}, labkit "
                   f"{cache['scores'][name][t]:.0%}, same answer {result['agree_with_labkit'][name][t]:.0%}", flush=True)
@@ -113,10 +118,9 @@ def main():
     merged = export.merged_to_gguf(model, tok, args.work, outtype="f16")
     params = llama_cpp.llama_model_quantize_default_params()          # as llama-quantize does: f16 -> Q4_1
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
-    rc = llama_cpp.llama_model_quantize(str(merged["gguf"]).encode(), str(args.work / "merged-q4_1.gguf").encode(),
-                                        ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize returned {rc}"
     merged_q4 = args.work / "merged-q4_1.gguf"
+    rc = llama_cpp.llama_model_quantize(str(merged["gguf"]).encode(), str(merged_q4).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize returned {rc}"
     result["sizes"].update({"merged_safetensors": merged["safetensors"], "merged_f16_gguf": merged["gguf_bytes"],
                             "merged_q4_1_gguf": merged_q4.stat().st_size, "adapter_gguf": result["exports"]["people"]["gguf_bytes"]})
     people_refs = [r["response"] for r in tasks["people"]]
@@ -125,9 +129,9 @@ def main():
         got = [answer(llm, tok, r["prompt"], serving.MAX_NEW_TOKENS)[0] for r in tasks["people"]]
         del llm
         result[label] = {"answers": got, "exact_match": lk.data.exact_match(got, people_refs),
-                         "agree_with_llama_cpp_adapter": sum(a == b for a, b in zip(got, result["answers"]["people"]["people"])) / len(got),
-                         "agree_with_labkit": sum(a == b for a, b in zip(got, cache["answers"]["people"]["people"])) / len(got),
-                         "agree_with_llama_cpp_base": sum(a == b for a, b in zip(got, result["answers"]["base"]["people"])) / len(got)}
+                         "agree_with_llama_cpp_adapter": same_share(got, result["answers"]["people"]["people"]),
+                         "agree_with_labkit": same_share(got, cache["answers"]["people"]["people"]),
+                         "agree_with_llama_cpp_base": same_share(got, result["answers"]["base"]["people"])}
         print(label, "on people:", {k: v for k, v in result[label].items() if k != "answers"}, flush=True)
     result["requantized"] = snapped_back(base, merged_q4, model)
 
