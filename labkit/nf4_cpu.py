@@ -2,48 +2,46 @@
 
 Why it exists. Dequantizing is bound by memory bandwidth: it reads n/2 bytes and writes 4n bytes.
 Any decode made of torch operations writes the output at least twice (a gather of the codes, then
-the multiplication by each block's absmax, each a pass over 4n bytes), so on a CPU it runs at about
-2.5 x bitsandbytes' compiled kernel (README, Performance). This loop reads each byte once and writes
-each value once: code[index] * absmax, the same single float32 multiplication dequantize_plain does,
+the multiplication by each block's absmax, each a pass over 4n bytes). This loop reads each byte
+once and writes each value once: the byte's two codes, looked up together in a 256-row table of
+pairs, each times its block's absmax, the same single float32 multiplication dequantize_plain does,
 so the values are equal to the bit (tests/test_quant.py, for every byte value and codebook).
+
+Threads. The loop releases the GIL (nogil). Below THREADS_FROM values one thread decodes: the
+workbook's layers (SmolLM2's largest holds 884,736 weights) take 30 to 400 microseconds, and
+starting threads costs about 80 (a thread pool) to 200 (numba's own parallel loop, measured).
+Above it the blocks are split between as many threads as torch uses (OMP_NUM_THREADS).
 
 Chapter 4 teaches dequantize_plain; this file is only the engine room. Where numba does not import,
 or the tensors are not on the CPU, labkit.quant uses its torch decode instead (same values)."""
+import concurrent.futures
+
 import numpy as np
 import torch
 
 try:
     import numba
-    from numba import njit, prange
+    from numba import njit
 except ImportError:                                  # an optional speed-up: labkit works without it
     numba = None
-else:
-    import os
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's own thread pool, not OpenMP: its OpenMP layer shares torch's libgomp and, when it
-        # starts, sets OpenMP's thread count to all the cores, so torch.get_num_threads() would
-        # change under the caller (measured: 1 became 2 after the first call)
-        numba.config.THREADING_LAYER = "workqueue"
 
-SERIAL_BELOW = 1 << 18      # values; below this one thread decodes (starting threads costs more than it saves)
+THREADS_FROM = 1 << 21      # values (8 MiB of float32); below this one thread decodes
+_POOL = {}                  # threads -> a ThreadPoolExecutor of threads - 1 workers (the caller is one)
+_PAIRS = {}                 # a codebook's 16 float32 values, as bytes -> its (256, 2) table of pairs
 
 
 if numba is not None:
-    @njit(parallel=True, cache=True, nogil=True)
-    def _decode(packed, code, absmax, blocksize, n, out):
-        """out[i] = code[nibble i of packed] * absmax[i // blocksize], element 2j in the HIGH nibble.
-        A whole block is blocksize / 2 bytes (block sizes are even): two values a byte, no branch."""
+    @njit(cache=True, nogil=True, error_model="numpy")
+    def _decode_blocks(packed, pairs, absmax, blocksize, b0, b1, out2):
+        """Whole blocks b0..b1-1: out2[j] = pairs[packed[j]] * absmax[block of byte j]. Block sizes
+        are even, so a block is blocksize / 2 bytes and each byte two values (the high nibble first)."""
         half = blocksize // 2
-        full = n // blocksize
-        for b in prange(full):
+        for b in range(b0, b1):
             a = absmax[b]
-            for j in range(half):
-                byte = np.int64(packed[b * half + j])          # uint8 with int64 would make float64
-                out[b * blocksize + 2 * j] = code[byte >> 4] * a
-                out[b * blocksize + 2 * j + 1] = code[byte & 15] * a
-        for i in range(full * blocksize, n):                 # the short last block, value by value
-            byte = np.int64(packed[i >> 1])
-            out[i] = code[(byte >> 4) if (i & 1) == 0 else (byte & 15)] * absmax[full]
+            for j in range(b * half, (b + 1) * half):
+                i = np.int64(packed[j])                    # uint8 with int64 would make float64
+                out2[j, 0] = pairs[i, 0] * a
+                out2[j, 1] = pairs[i, 1] * a
 
 
 def available():
@@ -51,22 +49,51 @@ def available():
     return numba is not None
 
 
+def _pairs(code):
+    """(256, 2) float32: row b holds the codes of byte b's high and low nibble (the codebook padded
+    with zeros to 16 values); row 17 k holds code k twice."""
+    code16 = np.zeros(16, dtype=np.float32)
+    code16[: code.numel()] = code.float().numpy()           # on the CPU already: the caller checks
+    key = code16.tobytes()
+    if key not in _PAIRS:
+        b = np.arange(256)
+        _PAIRS[key] = np.ascontiguousarray(np.stack([code16[b >> 4], code16[b & 15]], axis=1))
+        if len(_PAIRS) > 8:                                  # a few codebooks at most are in use
+            _PAIRS.pop(next(iter(_PAIRS)))
+    return _PAIRS[key]
+
+
+def _threads(n):
+    return 1 if n < THREADS_FROM else max(1, torch.get_num_threads())
+
+
 def dequantize(flat, code, absmax, blocksize, n):
     """dequantize_plain's flat float32 values from CPU tensors: `flat` uint8 bytes, `code` the
-    codebook (16 values or fewer), `absmax` one float32 per block. The first call compiles the loop
-    (a few seconds; numba caches it on disk for later processes)."""
+    codebook (16 values or fewer), `absmax` one float32 per block. The first call in a new Python
+    compiles the loop (a few seconds; numba caches it on disk for later processes)."""
     if blocksize % 2:
         raise ValueError(f"the compiled decode needs an even block size, got {blocksize}")
-    # A new torch tensor: its pages are faulted in as the loop first writes them, most of this call's
-    # time for a large matrix (a new 64 MiB tensor filled: 17.9 ms, an existing one 2.3 ms, measured).
-    # Taking the memory from numpy's heap instead was 3x faster there, but MemTracker's counts (chapters
-    # 5 to 7) were not checked against it, so it is not done.
+    # A new torch tensor, as bitsandbytes' output is: for a large matrix most of this call's time is
+    # the kernel faulting its pages in as they are first written (64 MiB: about 17 ms, measured)
     out = torch.empty(n, dtype=torch.float32)
-    code16 = torch.zeros(16, dtype=torch.float32)
-    code16[: code.numel()] = code.float()                    # on the CPU already: the caller checks
-    threads = 1 if n < SERIAL_BELOW else max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:                  # as many threads as torch uses (OMP_NUM_THREADS)
-        numba.set_num_threads(threads)
-    _decode(flat.contiguous().numpy(), code16.numpy(), absmax.float().contiguous().numpy(), int(blocksize), int(n),
-            out.numpy())
+    pairs, packed = _pairs(code), flat.contiguous().numpy()
+    absmax = absmax.float().contiguous().numpy()
+    full = n // blocksize
+    out2 = out[: full * blocksize].numpy().reshape(-1, 2)
+    threads = _threads(n)
+    if threads == 1:
+        _decode_blocks(packed, pairs, absmax, blocksize, 0, full, out2)
+    else:
+        pool = _POOL.get(threads) or _POOL.setdefault(threads, concurrent.futures.ThreadPoolExecutor(threads - 1))
+        cuts = [full * k // threads for k in range(threads + 1)]
+        rest = [pool.submit(_decode_blocks, packed, pairs, absmax, blocksize, cuts[k], cuts[k + 1], out2)
+                for k in range(1, threads)]
+        _decode_blocks(packed, pairs, absmax, blocksize, cuts[0], cuts[1], out2)
+        for job in rest:
+            job.result()
+    if full * blocksize < n:                                 # the short last block, value by value
+        tail = np.arange(full * blocksize, n)
+        byte = packed[tail // 2]
+        nibble = np.where(tail % 2 == 0, byte >> 4, byte & 15)
+        out[full * blocksize:] = torch.from_numpy(pairs[nibble * 17, 0]) * torch.from_numpy(absmax[full:])
     return out

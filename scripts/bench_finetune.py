@@ -74,13 +74,11 @@ def measure(method, name, device, batch, steps):
     lk.finetune.prepare(model, method, QKVO, r=8, alpha=16)
     opt, step = training_step(model, batch)
     step()                                               # warm-up; AdamW's states now exist
-    times = []
-
-    def timed_steps():
-        times.extend(step_times(step, device, steps))
-
+    # timed alone: peak_memory's sampling thread shares the cores (it slowed a step by up to 20%),
+    # and bitsandbytes' step below is timed without it
+    times = step_times(step, device, steps)
     before = held(device)                                # the model and AdamW's states
-    _, extra = lk.memory.peak_memory(timed_steps, device)
+    _, extra = lk.memory.peak_memory(step, device)       # one more step, for the process's peak
     _, tracked = lk.memory.tracked_peak(step, model, opt)
     B, T = batch["input_ids"].shape
     predicted = lk.memory.predict_peak(model, B, T, method, QKVO, r=8)

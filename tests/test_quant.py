@@ -314,23 +314,26 @@ def test_devices_without_complex128_take_the_plain_decode(monkeypatch):
 
 def test_the_compiled_decode_is_taken_on_the_cpu_and_leaves_torch_threads_alone(monkeypatch):
     """Where numba imports (under CI it must: it is a dependency), dequantize_nf4 on the CPU runs the
-    compiled loop, serial below SERIAL_BELOW values and threaded above, with values equal to the plain
-    decode's; and it must not change torch's thread count (numba's OpenMP layer did: 1 became 2)."""
+    compiled loop: one thread below THREADS_FROM values, and above it the blocks split between as
+    many threads as torch uses, with values equal to the plain decode's (a short last block too);
+    and it must not change torch's thread count (numba's OpenMP layer did: 1 became 2)."""
     require("numba")
     calls = []
-    real = nf4_cpu._decode
-    monkeypatch.setattr(nf4_cpu, "_decode", lambda *a: calls.append(a[4]) or real(*a))
+    real = nf4_cpu._decode_blocks
+    monkeypatch.setattr(nf4_cpu, "_decode_blocks", lambda *a: calls.append((a[4], a[5])) or real(*a))
+    big = nf4_cpu.THREADS_FROM // 64 + 3                                # rows of 64: blocks of 64
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        for shape in ((33, 64), (nf4_cpu.SERIAL_BELOW // 64 + 3, 64)):       # serial, then threaded
+        for shape in ((33, 64), (big, 64)):                             # small, then large, one thread
             packed, state = q.quantize_nf4(weights(shape, seed=3), 64, double_quant=True)
             assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
             assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        packed, state = q.quantize_nf4(weights((nf4_cpu.SERIAL_BELOW // 64 + 3, 64), seed=4), 64)
+        packed, state = q.quantize_nf4(weights((big * 64 + 5,), seed=4), 64)    # + a short last block
         assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert calls == [33 * 64, (nf4_cpu.SERIAL_BELOW // 64 + 3) * 64, (nf4_cpu.SERIAL_BELOW // 64 + 3) * 64]
+    assert calls[:2] == [(0, 33), (0, big)]
+    assert sorted(calls[2:]) == [(0, big // 2), (big // 2, big)]          # two threads, half each
