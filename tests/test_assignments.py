@@ -87,8 +87,7 @@ def test_nbgrader_grades_solutions_full_untouched_zero_and_a_mistake_zero(course
     wrong.write_text(json.dumps(nb))
     _submit(out, "no_scaling", "ch02", wrong)
 
-    for name in names:
-        ba.nbgrader(out, "autograde", name)
+    ba.for_each(out, "submitted", names, "autograde")          # one nbgrader process grades them all
     with Gradebook(f"sqlite:///{out / 'gradebook.db'}") as gb:
         for name in names:
             solved, untouched = gb.find_submission(name, "solved"), gb.find_submission(name, "untouched")
