@@ -161,7 +161,7 @@ def main():
               f"{r['s_per_step'] / full['s_per_step']:>11.3f}{r['tracked'] / full['tracked']:>11.3f}")
     print("\n(peak MiB: MemTracker's count of every tensor at the peak of one step; process MiB: what the "
           "process held after warm-up above what it held before loading the model, plus its peak extra "
-          "during the timed steps (resident memory on a CPU, allocated on CUDA); predicted: lk.memory.predict_peak; the predicted peak "
+          "during one more step, run after the timed ones (resident memory on a CPU, allocated on CUDA); predicted: lk.memory.predict_peak; the predicted peak "
           "falls in: " + ", ".join(f"{r['method']} {r['phase']}" for r in rows) + ")")
     lora = rows[1]
     worst = max(abs(r["predicted"] / r["tracked"] - 1) for r in rows)

@@ -132,12 +132,13 @@ case "$cmd" in
            # the unit tests take 174 s against 272 s in one process, and 8 notebooks 96 s against 132 s
            # (their cells of kernel start, imports, tokenising and decoding use one core anyway).
            # --dist loadfile keeps each notebook's cells in one worker, in order. LABKIT_TEST_WORKERS=0: one process.
+           # --durations: the 25 slowest tests and notebook cells, for whoever next shortens the command.
            workers=${LABKIT_TEST_WORKERS:-2}
            if [ "$workers" -gt 0 ]; then
              threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}
-             OMP_NUM_THREADS=$threads "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider -n "$workers" --dist loadfile || rc=$?
+             OMP_NUM_THREADS=$threads "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider -n "$workers" --dist loadfile --durations=25 || rc=$?
            else
-             "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider || rc=$?
+             "$PY" -m pytest tests notebooks --nbval -p no:cacheprovider --durations=25 || rc=$?
            fi
            took=$(( $(date +%s) - start ))
            echo "== test command: $((took / 60)) min $((took % 60)) s in all, set-up included (exit code $rc)"
