@@ -15,6 +15,7 @@ Above it the blocks are split between as many threads as torch uses (OMP_NUM_THR
 Chapter 4 teaches dequantize_plain; this file is only the engine room. Where numba does not import,
 or the tensors are not on the CPU, labkit.quant uses its torch decode instead (same values)."""
 import concurrent.futures
+import os
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ except ImportError:                                  # an optional speed-up: lab
     numba = None
 
 THREADS_FROM = 1 << 21      # values (8 MiB of float32); below this one thread decodes
-_POOL = {}                  # threads -> a ThreadPoolExecutor of threads - 1 workers (the caller is one)
+_POOL = {}                  # (threads, process id) -> a ThreadPoolExecutor of threads - 1 workers (the caller is one)
 _PAIRS = {}                 # a codebook's 16 float32 values, as bytes -> its (256, 2) table of pairs
 
 
@@ -84,7 +85,8 @@ def dequantize(flat, code, absmax, blocksize, n):
     if threads == 1:
         _decode_blocks(packed, pairs, absmax, blocksize, 0, full, out2)
     else:
-        pool = _POOL.get(threads) or _POOL.setdefault(threads, concurrent.futures.ThreadPoolExecutor(threads - 1))
+        key = (threads, os.getpid())            # a forked child (a DataLoader worker) has no pool threads
+        pool = _POOL.get(key) or _POOL.setdefault(key, concurrent.futures.ThreadPoolExecutor(threads - 1))
         cuts = [full * k // threads for k in range(threads + 1)]
         rest = [pool.submit(_decode_blocks, packed, pairs, absmax, blocksize, cuts[k], cuts[k + 1], out2)
                 for k in range(1, threads)]

@@ -337,3 +337,34 @@ def test_the_compiled_decode_is_taken_on_the_cpu_and_leaves_torch_threads_alone(
         torch.set_num_threads(before)
     assert calls[:2] == [(0, 33), (0, big)]
     assert sorted(calls[2:]) == [(0, big // 2), (big // 2, big)]          # two threads, half each
+
+def test_the_decode_threads_work_in_a_forked_child():
+    """A forked process (a DataLoader worker) inherits the pool's bookkeeping but none of its
+    threads: the decode must start a pool of its own there, not wait on threads that do not exist."""
+    require("numba")
+    import multiprocessing
+    import os
+
+    import numpy as np
+    big = nf4_cpu.THREADS_FROM // 64 + 3
+    packed, state = q.quantize_nf4(weights((big, 64), seed=5), 64)
+    flat, expected = packed.reshape(-1), q.dequantize_plain(packed, state).reshape(-1)
+    real = nf4_cpu._threads
+    nf4_cpu._threads = lambda n: 2                                       # two threads, whatever torch says
+    try:
+        assert torch.equal(nf4_cpu.dequantize(flat, state.code, state.absmax, 64, state.n), expected)  # the pool exists
+
+        def child():                       # numpy only after the fork (torch's OpenMP may not survive one)
+            out = nf4_cpu.dequantize(flat, state.code, state.absmax, 64, state.n)
+            os._exit(0 if np.array_equal(out.numpy(), expected.numpy()) else 3)
+
+        p = multiprocessing.get_context("fork").Process(target=child)
+        p.start()
+        p.join(60)
+        hung = p.is_alive()
+        if hung:
+            p.kill()
+        assert not hung, "the forked child waited on its parent's pool threads"
+        assert p.exitcode == 0, f"the child's values differ (exit code {p.exitcode})"
+    finally:
+        nf4_cpu._threads = real
