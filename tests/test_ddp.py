@@ -24,8 +24,15 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 
 def run(cmd, out, *extra):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd + [str(SCRIPT), "--out", str(out), *extra], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+    for attempt in range(2):
+        done = subprocess.run(cmd + [str(SCRIPT), "--out", str(out), *extra], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=600)
+        # a known intermittent crash of a process at exit ("terminate called without an active exception",
+        # seen in about one FSDP run in several on the 2-core machines): run it once more, say so, and
+        # check the second run's output in full; any other failure fails at once
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr or attempt:
+            break
+        print("ddp_lora.py crashed at exit (terminate called without an active exception); running it again")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "losses.json").read_text()), load_file(out / "adapter.safetensors")
 
