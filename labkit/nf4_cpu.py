@@ -56,12 +56,13 @@ def _pairs(code):
     code16 = np.zeros(16, dtype=np.float32)
     code16[: code.numel()] = code.float().numpy()           # on the CPU already: the caller checks
     key = code16.tobytes()
-    if key not in _PAIRS:
+    pairs = _PAIRS.get(key)
+    if pairs is None:                 # held in a local: another thread may evict the entry meanwhile
         b = np.arange(256)
-        _PAIRS[key] = np.ascontiguousarray(np.stack([code16[b >> 4], code16[b & 15]], axis=1))
+        pairs = _PAIRS[key] = np.ascontiguousarray(np.stack([code16[b >> 4], code16[b & 15]], axis=1))
         if len(_PAIRS) > 8:                                  # a few codebooks at most are in use
-            _PAIRS.pop(next(iter(_PAIRS)))
-    return _PAIRS[key]
+            _PAIRS.pop(next(iter(_PAIRS)), None)
+    return pairs
 
 
 def _threads(n):
@@ -96,6 +97,6 @@ def dequantize(flat, code, absmax, blocksize, n):
     if full * blocksize < n:                                 # the short last block, value by value
         tail = np.arange(full * blocksize, n)
         byte = packed[tail // 2]
-        nibble = np.where(tail % 2 == 0, byte >> 4, byte & 15)
+        nibble = np.where(tail % 2 == 0, byte >> 4, byte & 15).astype(np.intp)    # 17 x 15 fits uint8, but only just
         out[full * blocksize:] = torch.from_numpy(pairs[nibble * 17, 0]) * torch.from_numpy(absmax[full:])
     return out
