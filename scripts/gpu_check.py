@@ -162,6 +162,14 @@ def judge_latency(ms, bound):
                 + f" (bound: each <= {bound:.1f} x base)")
 
 
+def judge_step(ours, theirs, bound):
+    """Seconds a step: labkit's within `bound` x bitsandbytes + peft's."""
+    ratio = ours / theirs
+    ok = math.isfinite(ratio) and 0 < ratio <= bound
+    return ok, (f"labkit {1000 * ours:.1f} ms a step, bitsandbytes + peft {1000 * theirs:.1f} ms a step; "
+                f"labkit / bitsandbytes + peft {ratio:.2f} (bound: <= {bound:.1f})")
+
+
 def judge_ratio(measured, predicted, tolerance=PEAK_TOLERANCE):
     ratio = predicted / measured
     return abs(ratio - 1) < tolerance, (f"measured {measured / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB, "
@@ -198,6 +206,54 @@ for dtype in (torch.bfloat16, torch.float16):
     def _(ctx, dtype=dtype):
         model = perturb(peft_lora(bnb_quantize(random_model(ctx), dtype)))
         return train_steps(model, ctx.batch, amp_name(dtype))
+
+
+def step_seconds(ctx, model, amp, warmup=2):
+    """A closure that runs one AdamW training step of `model` on ctx.batch under `amp`; warmed up."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    context, scaler = lk.train.autocast(ctx.device, amp)
+
+    def step():
+        with context:
+            loss = model(**ctx.batch).loss
+        (scaler.scale(loss) if scaler else loss).backward()
+        scaler.step(opt) if scaler else opt.step()
+        if scaler:
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    return step
+
+
+QLORA_STEP_BOUND = 3.0    # labkit's QLoRA step against bitsandbytes + peft's (the CPU aim, 1.0 x, is bench_finetune's)
+
+
+@check("QLoRA step time, SmolLM2-shaped, batch 4 x 64: labkit against bitsandbytes + peft (NF4, mixed-precision compute)")
+def _(ctx):
+    """The best of 5 rounds of 5 steps each (2 of 2 on the CPU), the two models taking turns (as best_times does), so that
+    a busy moment slows both alike. No .item() inside a round: on CUDA the steps queue up, as they
+    would in a training loop, and a host synchronisation in LinearNF4 would show here as lost time."""
+    amp = amp_name(ctx.amp)
+    steps = {"labkit": step_seconds(ctx, perturb(lk.inject_qlora(random_model(ctx), QKVO, r=8, alpha=16,
+                                                                    compute_dtype=ctx.amp)), amp),
+             "bitsandbytes + peft": step_seconds(ctx, perturb(peft_lora(bnb_quantize(random_model(ctx), ctx.amp))),
+                                                 amp)}
+    best = dict.fromkeys(steps, float("inf"))
+    rounds = 2 if ctx.small else 5                # on the CPU the check runs the code, it does not time it
+    for _ in range(rounds):
+        for name, step in steps.items():
+            lk.session.synchronize(ctx.device)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                loss = step()
+            lk.session.synchronize(ctx.device)
+            best[name] = min(best[name], (time.perf_counter() - t0) / rounds)
+            assert math.isfinite(loss.item()), f"{name}: loss {loss.item()}"
+    return judge_step(best["labkit"], best["bitsandbytes + peft"], QLORA_STEP_BOUND)
 
 
 @check("paged AdamW (bitsandbytes, 32-bit and 8-bit states), mixed precision")

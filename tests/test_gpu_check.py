@@ -28,9 +28,9 @@ def test_every_check_runs_on_the_cpu_at_toy_size():
     out = run("--cpu")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and " | ok | " in line]
-    assert len(rows) == 13, out.stdout
+    assert len(rows) == 14, out.stdout
     assert all("(bound: " in row for row in rows), out.stdout          # every row says what it was judged against
-    assert "13 passed, 0 failed" in out.stdout
+    assert "14 passed, 0 failed" in out.stdout
 
 
 def load_script():
@@ -55,6 +55,9 @@ def test_every_judge_states_its_bound_and_fails_outside_it():
     assert g.judge_latency({"base": 1.0, "serial_adapter": 1.5}, 2.0)[0]
     ok, detail = g.judge_latency({"base": 1.0, "serial_adapter": 2.5}, 2.0)
     assert not ok and "bound: each <= 2.0 x base" in detail
+    assert g.judge_step(0.2, 0.15, 3.0)[0]
+    ok, detail = g.judge_step(0.5, 0.15, 3.0)
+    assert not ok and "labkit / bitsandbytes + peft 3.33 (bound: <= 3.0)" in detail
     assert g.judge_ratio(100, 110)[0] and not g.judge_ratio(100, 130)[0]
     assert "bound: within 15%" in g.judge_ratio(100, 110)[1]
     assert g.judge_between(3 * 2**30, 2**30, 4 * 2**30, ("floor", "ceiling"))[0]
