@@ -231,14 +231,17 @@ def dequantize_nf4(packed, state):
         raise ValueError(f"this state does not belong to the packed data: the state describes "
                          f"{tuple(state.shape)} ({n} values, {(n + 1) // 2} bytes) but {packed.numel()} bytes were given")
     n_blocks = -(-n // state.blocksize)
-    absmax = state.block_absmax()
-    if absmax.numel() != n_blocks:
-        raise ValueError(f"this state does not belong to the packed data: {absmax.numel()} absmax values "
+    if state.absmax.numel() != n_blocks:
+        raise ValueError(f"this state does not belong to the packed data: {state.absmax.numel()} absmax values "
                          f"for {n_blocks} blocks of {state.blocksize}")
     # dequantize_plain's two steps (each index looked up in the codebook, each block times its absmax),
-    # computed a chunk at a time so that each chunk stays in the CPU's cache; tests/test_quant.py holds
-    # the two equal for every byte value
-    out = _dequantize_fast(packed.reshape(-1), state.code, absmax, state.blocksize, n, state.code_name)
+    # fused: tests/test_quant.py holds the two equal for every byte value
+    flat = packed.reshape(-1)
+    if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
+        double = (state.code2, state.absmax2, state.offset, state.blocksize2) if state.double_quant else None
+        out = nf4_cpu.dequantize(flat, state.code, state.absmax, state.blocksize, n, double)
+    else:                                                     # torch, a chunk at a time (a GPU's path)
+        out = _dequantize_fast(flat, state.code, state.block_absmax(), state.blocksize, n, state.code_name)
     return out.reshape(state.shape).to(state.dtype)
 
 
@@ -272,14 +275,17 @@ def _quantize_fast(flat, code, blocksize):
     full = n - n % blocksize
     midpoints = (code[:-1] + code[1:]) / 2
     blocks = flat[:full].view(-1, blocksize)
-    absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=flat.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=flat.device)
-    step = _chunk_rows(flat.device, blocks.shape[0], blocksize)
-    for i in range(0, blocks.shape[0], step):
-        b = blocks[i:i + step]
-        a = torch.amax(b.abs(), dim=1, out=absmax[i:i + b.shape[0]])
-        idx = torch.bucketize(b * (1.0 / a.clamp(min=1e-38))[:, None], midpoints, out_int32=True).view(-1, 2)
-        packed[i * blocksize // 2:(i + b.shape[0]) * blocksize // 2] = (idx[:, 0] << 4) | idx[:, 1]
+    if flat.device.type == "cpu" and nf4_cpu.available() and blocksize % 2 == 0:   # one compiled pass
+        packed[: full // 2], absmax = nf4_cpu.quantize(flat[:full], midpoints, blocksize)
+    else:
+        absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=flat.device)
+        step = _chunk_rows(flat.device, blocks.shape[0], blocksize)
+        for i in range(0, blocks.shape[0], step):
+            b = blocks[i:i + step]
+            a = torch.amax(b.abs(), dim=1, out=absmax[i:i + b.shape[0]])
+            idx = torch.bucketize(b * (1.0 / a.clamp(min=1e-38))[:, None], midpoints, out_int32=True).view(-1, 2)
+            packed[i * blocksize // 2:(i + b.shape[0]) * blocksize // 2] = (idx[:, 0] << 4) | idx[:, 1]
     if full < n:                                                         # the short last block: the plain way
         scaled, am = block_absmax(flat[full:], blocksize)
         packed[full // 2:] = pack_nibbles(round_to_code(scaled, code)).reshape(-1)
@@ -339,9 +345,8 @@ def _code_values_fast(flat, code, name=None):
 
 def _dequantize_fast(flat, code, absmax, blocksize, n, name=None):
     """dequantize_plain's values (float32, flat), a chunk of blocks at a time: two bytes become four
-    values through the decode table, written straight into the output, then scaled in the cache."""
-    if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
-        return nf4_cpu.dequantize(flat, code, absmax, blocksize, n)
+    values through the decode table, written straight into the output, then scaled in the cache.
+    The torch decode: a GPU's, and the CPU's where numba does not import (dequantize_nf4 chooses)."""
     out = torch.empty(n, dtype=torch.float32, device=flat.device)
     full = n - n % blocksize
     if not _table_fits(flat.device):                          # the plain decode, on the device

@@ -237,9 +237,20 @@ def _plain_quantize(w, code, blocksize):
     return q.pack_nibbles(q.round_to_code(scaled, code)), absmax
 
 
+@pytest.fixture(params=["numba", "torch"])
+def decode_path(request, monkeypatch):
+    """Both CPU paths behind quantize_4bit and dequantize_nf4: the compiled ones (labkit/nf4_cpu.py,
+    where numba imports) and the torch ones (a GPU's path, and the CPU's without numba)."""
+    if request.param == "numba":
+        require("numba")
+    else:
+        monkeypatch.setattr(nf4_cpu, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
-def test_fast_quantize_equals_the_plain_steps(shape, blocksize):
+def test_fast_quantize_equals_the_plain_steps(shape, blocksize, decode_path):
     w = weights(shape, seed=blocksize)
     for code in (q.nf4_codebook(), q.fp4_codebook(), q.int4_codebook(), q.nf4_codebook_paper()):
         flat = w.reshape(-1).clone()
@@ -250,17 +261,6 @@ def test_fast_quantize_equals_the_plain_steps(shape, blocksize):
         p_ref, a_ref = _plain_quantize(flat, code, blocksize)
         assert torch.equal(absmax, a_ref)
         assert torch.equal(packed, p_ref), f"first differing byte: {(packed != p_ref).nonzero()[0].tolist()}"
-
-
-@pytest.fixture(params=["numba", "torch"])
-def decode_path(request, monkeypatch):
-    """Both CPU decodes behind dequantize_nf4: the compiled one (labkit/nf4_cpu.py, where numba
-    imports) and the torch table decode (a GPU's path, and the CPU's without numba)."""
-    if request.param == "numba":
-        require("numba")
-    else:
-        monkeypatch.setattr(nf4_cpu, "available", lambda: False)
-    return request.param
 
 
 @pytest.mark.parametrize("shape", FAST_SHAPES)
@@ -277,7 +277,7 @@ def test_fast_dequantize_equals_the_plain_one_for_every_byte(shape, double_quant
         assert torch.equal(q.dequantize_4bit(p, s), q.dequantize_plain(p, s))
 
 
-def test_quantize_still_refuses_nan_and_inf_in_any_block():
+def test_quantize_still_refuses_nan_and_inf_in_any_block(decode_path):
     for bad in (float("nan"), float("inf"), -float("inf")):
         for where in (0, 100, 4999):                                  # a full block, another, the short last one
             w = weights((5000,))
@@ -337,6 +337,28 @@ def test_the_compiled_decode_is_taken_on_the_cpu_and_leaves_torch_threads_alone(
         torch.set_num_threads(before)
     assert calls[:2] == [(0, 33), (0, big)]
     assert sorted(calls[2:]) == [(0, big // 2), (big // 2, big)]          # two threads, half each
+
+def test_the_compiled_encode_is_taken_on_the_cpu_and_splits_large_tensors_between_threads(monkeypatch):
+    """quantize_4bit on the CPU runs nf4_cpu's encode where numba imports: one thread below
+    THREADS_FROM values, above it the blocks split between torch's threads, bytes and absmax equal
+    to the plain steps' either way (a short last block too, which the torch code finishes)."""
+    require("numba")
+    calls = []
+    real = nf4_cpu._encode_blocks
+    monkeypatch.setattr(nf4_cpu, "_encode_blocks", lambda *a: calls.append((a[3], a[4])) or real(*a))
+    big = nf4_cpu.THREADS_FROM // 64 + 3
+    before = torch.get_num_threads()
+    try:
+        for threads, shape in ((1, (33, 64)), (2, (big * 64 + 5,))):
+            torch.set_num_threads(threads)
+            w = weights(shape, seed=6)
+            packed, state = q.quantize_nf4(w, 64)
+            p_ref, a_ref = _plain_quantize(w, q.nf4_codebook(), 64)
+            assert torch.equal(packed, p_ref) and torch.equal(state.absmax, a_ref)
+    finally:
+        torch.set_num_threads(before)
+    assert calls[0] == (0, 33) and sorted(calls[1:]) == [(0, big // 2), (big // 2, big)]   # the pool's half may come first
+
 
 def test_the_decode_threads_work_in_a_forked_child():
     """A forked process (a DataLoader worker) inherits the pool's bookkeeping but none of its
