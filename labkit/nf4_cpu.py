@@ -6,7 +6,8 @@ Any decode made of torch operations writes the output at least twice (a gather o
 the multiplication by each block's absmax, each a pass over 4n bytes). This loop reads each byte
 once and writes each value once: the byte's two codes, looked up together in a 256-row table of
 pairs, each times its block's absmax, the same single float32 multiplication dequantize_plain does,
-so the values are equal to the bit (tests/test_quant.py, for every byte value and codebook).
+so the values are equal to the bit (tests/test_quant.py: every byte value with NF4, and the FP4
+and int4 codebooks).
 
 Threads. The loop releases the GIL (nogil). Below THREADS_FROM values one thread decodes: the
 workbook's layers (SmolLM2's largest holds 884,736 weights) take 30 to 400 microseconds, and
@@ -16,10 +17,11 @@ Above it the blocks are split between as many threads as torch uses (OMP_NUM_THR
 The encode (_encode_blocks) does per block what labkit.quant._quantize_fast's torch operations do
 (absmax, the float32 scale 1 / max(absmax, 1e-38), each value's code found by counting the
 midpoints below it), equal byte for byte; one pass instead of five over the values, about 7 times
-faster on a 4096 x 4096 matrix (bench_quant.py).
+faster on a 4096 x 4096 matrix (scripts/bench_quant.py).
 
-Chapter 4 teaches dequantize_plain and the plain quantize steps; this file is only the engine room. Where numba does not import,
-or the tensors are not on the CPU, labkit.quant uses its torch decode instead (same values)."""
+Chapter 4 teaches dequantize_plain and the plain quantize steps; this file is only the engine room.
+Where numba does not import, or the tensors are not on the CPU, labkit.quant uses its torch decode
+and encode instead (same values and bytes)."""
 import concurrent.futures
 import os
 
@@ -32,7 +34,7 @@ try:
 except ImportError:                                  # an optional speed-up: labkit works without it
     numba = None
 
-THREADS_FROM = 1 << 21      # values (8 MiB of float32); below this one thread decodes
+THREADS_FROM = 1 << 21      # values (8 MiB of float32); below this one thread decodes or encodes
 _POOL = {}                  # (threads, process id) -> a ThreadPoolExecutor of threads - 1 workers (the caller is one)
 _PAIRS = {}                 # a codebook's 16 float32 values, as bytes -> its (256, 2) table of pairs
 
@@ -94,8 +96,9 @@ if numba is not None:
                     i_lo += lo > midpoints[k]
                 p[j] = np.uint8((i_hi << 4) | i_lo)
 
+
 def available():
-    """Whether the compiled decode can run here (numba imports)."""
+    """Whether the compiled decode and encode can run here (numba imports)."""
     return numba is not None
 
 
@@ -177,6 +180,8 @@ def quantize(flat, midpoints, blocksize):
     the short last block. Threads as for dequantize."""
     if blocksize % 2:
         raise ValueError(f"the compiled encode needs an even block size, got {blocksize}")
+    if flat.dtype != torch.float32:                  # numba would compile a float64 loop, with other rounding
+        raise TypeError(f"the compiled encode takes float32 values, got {flat.dtype}")
     full = flat.numel() // blocksize
     packed = torch.empty(full * blocksize // 2, dtype=torch.uint8)
     absmax = torch.empty(full, dtype=torch.float32)

@@ -200,8 +200,12 @@ def quantize_4bit(w, code, blocksize=64, double_quant=False):
     _check_tensor(w, blocksize)
     flat = w.detach().reshape(-1).float()
     code = code.to(flat.device, torch.float32)         # a float64 codebook (numpy's default) is read as float32
-    # pack_nibbles(round_to_code(*block_absmax(flat, blocksize))), computed a chunk at a time so that
-    # each chunk stays in the CPU's cache (tests/test_quant.py holds the two equal, byte for byte)
+    if code.dim() != 1 or not 2 <= code.numel() <= 16 or not bool((code[1:] > code[:-1]).all()):
+        raise ValueError(f"the codebook must hold 2 to 16 values in increasing order (rounding finds a value's "
+                         f"code between its sorted neighbours), got {code.tolist()}")
+    # pack_nibbles(round_to_code(*block_absmax(flat, blocksize))) in one pass: compiled on the CPU
+    # (labkit/nf4_cpu.py), a chunk at a time in torch elsewhere (tests/test_quant.py holds both
+    # equal to the plain steps, byte for byte)
     packed, absmax = _quantize_fast(flat, code, blocksize)
     if not torch.isfinite(absmax).all():               # a block's absmax is NaN or inf exactly when one of its values is
         raise ValueError("the tensor holds NaN or inf values: absmax scaling would spread them over a whole block")
@@ -234,13 +238,21 @@ def dequantize_nf4(packed, state):
     if state.absmax.numel() != n_blocks:
         raise ValueError(f"this state does not belong to the packed data: {state.absmax.numel()} absmax values "
                          f"for {n_blocks} blocks of {state.blocksize}")
+    if state.double_quant:             # the compiled decode reads these unchecked: a wrong size would read past them
+        want = -(-n_blocks // state.blocksize2) if state.blocksize2 > 0 else None
+        if (state.absmax.dtype != torch.uint8 or state.code2 is None or state.code2.numel() != 256
+                or state.absmax2 is None or want is None or state.absmax2.numel() != want):
+            raise ValueError(f"this state's double quantization is inconsistent: absmax {state.absmax.dtype} "
+                             f"(uint8 expected), code2 of {None if state.code2 is None else state.code2.numel()} values "
+                             f"(256 expected), absmax2 of {None if state.absmax2 is None else state.absmax2.numel()} "
+                             f"values ({want} expected for {n_blocks} blocks in groups of {state.blocksize2})")
     # dequantize_plain's two steps (each index looked up in the codebook, each block times its absmax),
     # fused: tests/test_quant.py holds the two equal for every byte value
     flat = packed.reshape(-1)
     if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
         double = (state.code2, state.absmax2, state.offset, state.blocksize2) if state.double_quant else None
         out = nf4_cpu.dequantize(flat, state.code, state.absmax, state.blocksize, n, double)
-    else:                                                     # torch, a chunk at a time (a GPU's path)
+    else:                                  # torch, a chunk at a time: a GPU's path, and the CPU's without numba
         out = _dequantize_fast(flat, state.code, state.block_absmax(), state.blocksize, n, state.code_name)
     return out.reshape(state.shape).to(state.dtype)
 

@@ -225,7 +225,7 @@ def test_unpack_inverts_pack():
     assert torch.equal(q.unpack_nibbles(q.pack_nibbles(idx))[:1001], idx.to(torch.uint8))
 
 
-# The fast paths behind quantize_4bit and dequantize_nf4 (chunked, for the CPU's cache) against the
+# The fast paths behind quantize_4bit and dequantize_nf4 (compiled on the CPU, torch in chunks elsewhere) against the
 # plain functions chapter 4 shows: equal exactly, on shapes that leave a short last block, an odd
 # byte, fewer values than one block, several chunks, and values placed exactly on the midpoints
 # between codes (where a tie must go to the lower code).
@@ -275,6 +275,32 @@ def test_fast_dequantize_equals_the_plain_one_for_every_byte(shape, double_quant
     for code in (q.fp4_codebook(), q.int4_codebook()):                 # codebooks with 15 values
         p, s = q.quantize_4bit(w, code, 32, double_quant=double_quant)
         assert torch.equal(q.dequantize_4bit(p, s), q.dequantize_plain(p, s))
+
+
+def test_zero_and_subnormal_blocks_quantize_as_the_plain_steps(decode_path):
+    """absmax is clamped to 1e-38 before the scale is taken: an all-zero block must land on code 0.0
+    (not 0 x inf = NaN), and blocks whose largest value is subnormal or just above the smallest
+    normal float32 must scale as the plain steps scale them."""
+    w = weights((5 * 64,), seed=11)
+    w[64:128] = 0.0                                                       # an all-zero block
+    w[128:192] *= 5e-39 / w[128:192].abs().max()                          # largest value subnormal
+    w[192:256] *= 1.1e-38 / w[192:256].abs().max()                        # just under the smallest normal
+    for code in (q.nf4_codebook(), q.fp4_codebook()):
+        packed, absmax = q._quantize_fast(w, code, 64)
+        p_ref, a_ref = _plain_quantize(w, code, 64)
+        assert torch.equal(absmax, a_ref) and torch.equal(packed, p_ref)
+    zero_code = int((q.nf4_codebook() == 0).nonzero())
+    assert (q._quantize_fast(w, q.nf4_codebook(), 64)[0][32:64] == zero_code * 17).all()
+
+
+def test_unsorted_codebooks_and_inconsistent_states_are_refused():
+    w = weights((4, 64))
+    with pytest.raises(ValueError, match="increasing order"):
+        q.quantize_4bit(w, q.nf4_codebook().flip(0))
+    packed, state = q.quantize_nf4(w, 64, double_quant=True)
+    state.absmax2 = state.absmax2.repeat(2)                 # the compiled decode would read past absmax2
+    with pytest.raises(ValueError, match="double quantization is inconsistent"):
+        q.dequantize_nf4(packed, state)
 
 
 def test_quantize_still_refuses_nan_and_inf_in_any_block(decode_path):
@@ -330,13 +356,14 @@ def test_the_compiled_decode_is_taken_on_the_cpu_and_leaves_torch_threads_alone(
             assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
             assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        packed, state = q.quantize_nf4(weights((big * 64 + 5,), seed=4), 64)    # + a short last block
+        packed, state = q.quantize_nf4(weights((big * 64 + 5,), seed=4), 64, double_quant=True)  # + a short last block
         assert torch.equal(q.dequantize_nf4(packed, state), q.dequantize_plain(packed, state))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     assert calls[:2] == [(0, 33), (0, big)]
     assert sorted(calls[2:]) == [(0, big // 2), (big // 2, big)]          # two threads, half each
+
 
 def test_the_compiled_encode_is_taken_on_the_cpu_and_splits_large_tensors_between_threads(monkeypatch):
     """quantize_4bit on the CPU runs nf4_cpu's encode where numba imports: one thread below
@@ -355,9 +382,12 @@ def test_the_compiled_encode_is_taken_on_the_cpu_and_splits_large_tensors_betwee
             packed, state = q.quantize_nf4(w, 64)
             p_ref, a_ref = _plain_quantize(w, q.nf4_codebook(), 64)
             assert torch.equal(packed, p_ref) and torch.equal(state.absmax, a_ref)
+        w[(big - 1) * 64 + 3] = float("nan")           # in the last full block: the pool's thread encodes it
+        with pytest.raises(ValueError, match="NaN or inf"):
+            q.quantize_nf4(w, 64)
     finally:
         torch.set_num_threads(before)
-    assert calls[0] == (0, 33) and sorted(calls[1:]) == [(0, big // 2), (big // 2, big)]   # the pool's half may come first
+    assert calls[0] == (0, 33) and sorted(calls[1:3]) == [(0, big // 2), (big // 2, big)]   # the pool's half may come first
 
 
 def test_the_decode_threads_work_in_a_forked_child():
