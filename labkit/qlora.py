@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .bnb_cpu import (bnb_4bit_layers, bnb_cpu_repacked, bnb_exact_on_cpu, bnb_fused_cpu,  # noqa: F401
                       unpack_bnb_cpu_layout)                    # (chapter 5 reads them as lk.qlora.*)
 from .lora import count_parameters, find_targets, inject_lora, replace_module
-from .quant import QuantState4, dequantize_nf4, nf4_bits, quantize_nf4
+from . import nf4_cpu
+from .quant import QuantState4, check_state, compiled_double, dequantize_nf4, nf4_bits, quantize_nf4
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -67,8 +68,28 @@ class LinearNF4(nn.Module):
 
     @property
     def weight(self):
-        """The dequantized weight (out, in), in the compute dtype: a fresh tensor, read-only in spirit."""
+        """The dequantized weight (out, in), in the compute dtype: a fresh tensor, read-only in spirit.
+        It is dequantize_nf4(self.packed, self.quant_state()); on a CPU with numba the compiled
+        decode's arguments are made once and kept (_decoder), since a QLoRA step decodes each
+        layer twice (tests/test_qlora.py holds the two paths equal)."""
+        if self.packed.device.type == "cpu" and nf4_cpu.available():
+            W = nf4_cpu.run(self._decoder()).view(self.out_features, self.in_features)
+            return W.to(self.weight_dtype).to(self.compute_dtype)
         return dequantize_nf4(self.packed, self.quant_state()).to(self.compute_dtype)
+
+    def _decoder(self):
+        """nf4_cpu.prepare's arguments for this layer, made again whenever a stored tensor has been
+        replaced (a new quantization, a move, load_state_dict(assign=True)); checked as dequantize_nf4
+        checks them."""
+        tensors = (self.packed, self.absmax, self.offset, self.absmax2, self.code2, self.code)
+        key = tuple(None if t is None else (t.data_ptr(), t.dtype, t.numel()) for t in tensors) + (self.blocksize,)
+        cached = getattr(self, "_decoded", None)
+        if cached is None or cached[0] != key:
+            state = self.quant_state()
+            n = check_state(self.packed, state)
+            cached = self._decoded = (key, nf4_cpu.prepare(self.packed.reshape(-1), state.code, state.absmax,
+                                                           state.blocksize, n, compiled_double(state)))
+        return cached[1]
 
     def forward(self, x):                                          # x: (..., in)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)

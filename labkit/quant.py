@@ -226,6 +226,25 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
 
 def dequantize_nf4(packed, state):
     """Read packed 4-bit data back into a tensor of the original shape and dtype."""
+    n = check_state(packed, state)
+    # dequantize_plain's two steps (each index looked up in the codebook, each block times its absmax),
+    # fused: tests/test_quant.py holds the two equal for every byte value
+    flat = packed.reshape(-1)
+    if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
+        out = nf4_cpu.dequantize(flat, state.code, state.absmax, state.blocksize, n, compiled_double(state))
+    else:                                  # torch, a chunk at a time: a GPU's path, and the CPU's without numba
+        out = _dequantize_fast(flat, state.code, state.block_absmax(), state.blocksize, n, state.code_name)
+    return out.reshape(state.shape).to(state.dtype)
+
+
+def compiled_double(state):
+    """What nf4_cpu's decode takes for double quantization: (code2, absmax2, offset, blocksize2), or None."""
+    return (state.code2, state.absmax2, state.offset, state.blocksize2) if state.double_quant else None
+
+
+def check_state(packed, state):
+    """n, the number of values, once `packed` and `state` are checked to belong together (the
+    compiled decode reads them unchecked)."""
     if not isinstance(state, QuantState4):
         raise TypeError(f"expected the QuantState4 returned by quantize_nf4, got {type(state).__name__}")
     if packed.dtype != torch.uint8:
@@ -246,15 +265,7 @@ def dequantize_nf4(packed, state):
                              f"(uint8 expected), code2 of {None if state.code2 is None else state.code2.numel()} values "
                              f"(256 expected), absmax2 of {None if state.absmax2 is None else state.absmax2.numel()} "
                              f"values ({want} expected for {n_blocks} blocks in groups of {state.blocksize2})")
-    # dequantize_plain's two steps (each index looked up in the codebook, each block times its absmax),
-    # fused: tests/test_quant.py holds the two equal for every byte value
-    flat = packed.reshape(-1)
-    if flat.device.type == "cpu" and nf4_cpu.available():     # one compiled pass (labkit/nf4_cpu.py)
-        double = (state.code2, state.absmax2, state.offset, state.blocksize2) if state.double_quant else None
-        out = nf4_cpu.dequantize(flat, state.code, state.absmax, state.blocksize, n, double)
-    else:                                  # torch, a chunk at a time: a GPU's path, and the CPU's without numba
-        out = _dequantize_fast(flat, state.code, state.block_absmax(), state.blocksize, n, state.code_name)
-    return out.reshape(state.shape).to(state.dtype)
+    return n
 
 
 def dequantize_plain(packed, state):

@@ -301,3 +301,37 @@ def test_the_codebook_is_a_shared_constant_not_counted_and_it_follows_moves():
     assert "code" not in layer.state_dict()
     layer.to(torch.bfloat16)
     assert layer.code.dtype == torch.float32 and torch.equal(layer.code, lk.nf4_codebook())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(64, 128), (7, 15)])            # (7, 15): a short last block
+def test_the_kept_cpu_decoder_gives_dequantize_nf4s_bits_and_follows_every_change(double_quant, shape):
+    """LinearNF4.weight keeps the compiled decode's arguments (numpy views of its buffers) between
+    calls; what it returns must be dequantize_nf4's bits after every way the buffers can change:
+    a merge (new tensors), load_state_dict copying in place, and load_state_dict(assign=True)."""
+    from labkit import nf4_cpu
+    if not nf4_cpu.available():
+        pytest.skip("numba is not installed: the layer takes dequantize_nf4's torch path")
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    layer = lk.LinearNF4(nn.Linear(in_f, out_f), double_quant=double_quant)
+    other = lk.LinearNF4(nn.Linear(in_f, out_f), double_quant=double_quant)     # other weights, same shapes
+
+    def same_bits():
+        want = lk.dequantize_nf4(layer.packed, layer.quant_state())
+        assert torch.equal(layer.weight.view(torch.int32), want.view(torch.int32))
+
+    same_bits()
+    first = layer._decoder()
+    assert layer._decoder() is first                                # kept, not made again
+    layer.add_to_weight(torch.full(shape, 0.05))                    # new buffers: made again
+    assert layer._decoder() is not first
+    same_bits()
+    before = layer.weight
+    layer.load_state_dict(other.state_dict())                       # copied into the same storage
+    same_bits()
+    assert torch.equal(layer.weight, other.weight) and not torch.equal(layer.weight, before)
+    layer.add_to_weight(torch.full(shape, -0.05))
+    layer.load_state_dict(other.state_dict(), assign=True)          # the buffers replaced
+    same_bits()
+    assert torch.equal(layer.weight, other.weight)
