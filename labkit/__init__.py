@@ -15,7 +15,7 @@ from .session import quiet_machine_noise
 quiet_machine_noise()     # before any library that logs machine-dependent lines is imported
 
 from . import (adapter_files, adapters, bnb_cpu, data, exercises, export, finetune, lab, loftq, lora, lowrank, measure, memory,
-               prompts, qlora, quant, serving, stats, tasks, text, train, widgets)
+               pissa, prompts, qinit, qlora, quant, serving, stats, tasks, text, train, widgets)
 from .adapter_files import load_adapter, save_adapter
 from .compare import peft_config, peft_lora_grads, to_peft
 from .lora import (LoRALinear, count_parameters, find_targets, inject_lora, lora_layers, lora_report,
@@ -50,5 +50,5 @@ CHAPTERS = {
     "lab": 7, "widgets": 7,
     "adapters": 8, "prompts": 8, "stats": 8,      # stats: chapter 8's fair comparison (scripts/run_peft_fair.py)
     "serving": 9, "tasks": 9, "export": 9,        # export: llama.cpp GGUF, merged models, Ollama
-    "loftq": 10,                                  # chapter 10 (issue 21): LoftQ from scratch; no notebook yet
+    "loftq": 10, "pissa": 10, "qinit": 10,        # chapter 10 (issue 21): LoftQ, PiSSA, QLoRA's starts; no notebook yet
 }

@@ -24,6 +24,9 @@ LEARNING_RATES = {"full": 5e-5, "lora": 2e-3, "qlora": 2e-3, "dora": 5e-3, "adal
                   "serial_adapter": 1e-3, "parallel_adapter": 1e-2, "parallel_ffn_s4": 9e-3, "prefix": 1e-3,
                   "ptuning_v2": 3e-2, "prompt_tuning": 3e-2}
 METHODS = tuple(LEARNING_RATES)
+# Chapter 10's QLoRA starts (lk.qinit), trained like "qlora" but kept out of METHODS and chapter 8's
+# comparison: scripts/run_qlora_init.py searches them with chapter 8's QLoRA grid.
+QLORA_STARTS = ("qlora_loftq", "qlora_pissa")
 # The search: three rates per method on a half-decade grid around its papers' usual range; the
 # script adds a point beyond an edge whenever the best rate sits on that edge.
 # Prefix tuning's grid is lower than P-Tuning v2's: its MLP multiplies each step (a 2-step pilot
@@ -75,6 +78,9 @@ def prepare(model, method, targets=QKVO, r=8, alpha=16, steps=12, virtual_tokens
     if method == "qlora":
         from .qlora import inject_qlora
         return inject_qlora(model, targets, r=r, alpha=alpha)
+    if method in QLORA_STARTS:                     # chapter 10: QLoRA started by LoftQ or PiSSA
+        from .qinit import init_qlora
+        return init_qlora(model, targets, r, alpha, init=method.removeprefix("qlora_"))
     if method == "ia3":
         from .adapters import inject_ia3
         return inject_ia3(model)
@@ -97,7 +103,7 @@ def prepare(model, method, targets=QKVO, r=8, alpha=16, steps=12, virtual_tokens
                                    total_step=steps, tinit=max(1, steps // 4), tfinal=max(1, steps // 4),
                                    deltaT=1, lora_dropout=0.0, task_type="CAUSAL_LM")
         return get_peft_model(model, config)
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS + QLORA_STARTS)}")
 
 
 def after_step_hook(model, method):
@@ -185,7 +191,7 @@ def checkpoint_bytes(model, method):
             save_model(model, path)
         elif isinstance(model, PromptModel):         # what inference needs: the virtual tokens themselves
             save_file({"virtual_tokens": model.prompt().detach().contiguous()}, path)
-        elif method in ("lora", "qlora"):
+        elif method in ("lora", "qlora") + QLORA_STARTS:     # the adapter alone (LoftQ's and PiSSA's assume a changed base, not counted)
             save_adapter(model, path)
         else:
             save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)

@@ -23,6 +23,7 @@ LATER_IMPORTS_KEPT = {
     ("memory", "<module>", "quant"):
         "the QLoRA line of the bill (chapters 5 to 7) prices NF4 with chapter 4's nf4_bits",
     ("finetune", "prepare", "adapters"): "chapter 8 adds its methods to finetune's runs (finetune.METHODS)",
+    ("finetune", "prepare", "qinit"): "chapter 10 trains QLoRA from LoftQ's and PiSSA's starts (finetune.QLORA_STARTS)",
     ("finetune", "prepare", "prompts"): "chapter 8 adds its methods to finetune's runs (finetune.METHODS)",
     ("finetune", "checkpoint_bytes", "prompts"): "a prompt method's checkpoint is its virtual tokens (chapter 8)",
     ("finetune", "latency_per_token", "prompts"): "a prompt method is timed through labkit's decoder (chapter 8)",
