@@ -10,15 +10,16 @@ together, so that the starting model NF4(base) + s B A is closer to W:
     "pissa"   W - s B A                    W's top r singular directions
 
 A model started by LoftQ or PiSSA has a base that is not NF4(W): its adapter is only meaningful on
-that base, so save the base with it (peft says the same of its "loftq" and "pissa" starts).
+that base, so a checkpoint must hold the base too (peft says the same of its "loftq" and "pissa"
+starts); lk.finetune.checkpoint_bytes counts the adapter alone.
 """
 import torch
 from torch import nn
 
 from .loftq import alternate
-from .lora import LoRALinear, _check_lora_args, find_targets, lora_layers, lora_scaling
+from .lora import _check_lora_args, find_targets, inject_lora, lora_layers, lora_scaling, replace_module
 from .pissa import pissa
-from .qlora import inject_qlora
+from .qlora import LinearNF4
 from .quant import dequantize_nf4, quantize_nf4
 
 INITS = ("zeros", "loftq", "pissa")
@@ -52,13 +53,16 @@ def start_error(W, init, r, scaling, iters=1, blocksize=64, double_quant=True):
 def init_qlora(model, target_modules, r, alpha, init="zeros", iters=1, quantize="all-linear", blocksize=64,
                double_quant=True, compute_dtype=torch.float32, use_rslora=False):
     """QLoRA (lk.inject_qlora) with the adapters started by `init`: "zeros", "loftq" (with `iters`
-    rounds) or "pissa". Every setting and target is checked before the model is changed."""
+    rounds) or "pissa". Every setting and target is checked, and every new layer built, before the
+    model is changed; no weight of the model is written in place (a tied embedding stays as it was)."""
     if init not in INITS:
         raise ValueError(f"init={init!r}: choose one of {INITS}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a whole number >= 1, got {iters!r}")
     if init != "loftq" and iters != 1:
         raise ValueError(f"iters={iters} is LoftQ's number of rounds; init={init!r} has none")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if lora_layers(model) or getattr(model, "lora_config", None) is not None:
         raise ValueError("this model already has LoRA layers: init_qlora starts from a plain model")
     quantized = find_targets(model, quantize)
@@ -79,20 +83,28 @@ def init_qlora(model, target_modules, r, alpha, init="zeros", iters=1, quantize=
     for name in targets:
         _check_lora_args(model.get_submodule(name), r, alpha, 0.0, "kaiming")
     scaling = lora_scaling(alpha, r, use_rslora)
-    starts = {}                                  # computed for every target before anything changes
-    if init != "zeros":
-        for name in targets:
-            starts[name] = start(model.get_submodule(name).weight, init, r, scaling, iters, blocksize, double_quant)
+    # Build every new layer first (LinearNF4 checks blocksize and the rest); the fp32 start's base is
+    # quantized as it is, so that B A fits the error of exactly the base that is stored.
+    new, starts = {}, {}
+    for name in quantized:
+        module = model.get_submodule(name)
+        if init != "zeros" and name in targets:
+            base, A, B = start(module.weight, init, r, scaling, iters, blocksize, double_quant)
+            holder = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            holder.weight = nn.Parameter(base, requires_grad=False)
+            holder.bias = module.bias
+            new[name] = LinearNF4(holder, blocksize, double_quant, compute_dtype)
+            new[name].weight_dtype = module.weight.dtype        # decoded as the other layers are
+            starts[name] = (A, B)
+        else:
+            new[name] = LinearNF4(module, blocksize, double_quant, compute_dtype)
+    for name, layer in new.items():
+        replace_module(model, name, layer)
+    model.requires_grad_(False)
+    inject_lora(model, target_modules, r, alpha, use_rslora=use_rslora)
     with torch.no_grad():
-        for name, (base, _, _) in starts.items():
-            weight = model.get_submodule(name).weight
-            weight.copy_(base.to(weight.dtype))
-    inject_qlora(model, target_modules, r, alpha, quantize, blocksize, double_quant, compute_dtype,
-                 use_rslora=use_rslora)
-    with torch.no_grad():
-        for name, (_, A, B) in starts.items():
+        for name, (A, B) in starts.items():
             layer = model.get_submodule(name)
-            assert isinstance(layer, LoRALinear)
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
     model.qlora_start = dict(init=init, iters=iters)     # what the adapters assume of their base

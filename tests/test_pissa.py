@@ -57,6 +57,8 @@ def test_loftq_scaling_moves_only_the_split_between_s_and_ba():
     p1, s1, A1, B1 = loftq.loftq(W, 8, iters=2)
     p2, s2, A2, B2 = loftq.loftq(W, 8, iters=2, scaling=4.0)
     assert torch.equal(p1, p2)
+    torch.testing.assert_close(A2, A1 / 2, rtol=1e-6, atol=0)          # each divided by sqrt(4)
+    torch.testing.assert_close(B2, B1 / 2, rtol=1e-6, atol=0)
     torch.testing.assert_close(4.0 * B2 @ A2, B1 @ A1, rtol=1e-6, atol=1e-9)
 
 
@@ -75,11 +77,15 @@ def test_init_qlora_builds_the_start_it_names(init, iters):
             assert torch.equal(layer.base.packed, quant.quantize_nf4(W, 64, dq)[0])
             continue
         if init == "loftq":
-            packed, _, A, B = loftq.loftq(W, r, iters, scaling=alpha / r, double_quant=dq)
+            packed, state, A, B = loftq.loftq(W, r, iters, scaling=alpha / r, double_quant=dq)
         else:
-            packed, _, A, B = pissa.pissa_nf4(W, r, alpha / r, double_quant=dq)
+            packed, state, A, B = pissa.pissa_nf4(W, r, alpha / r, double_quant=dq)
         assert torch.equal(layer.base.packed, packed) and torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B)
+        assert torch.equal(base, quant.dequantize_nf4(packed, state))       # absmax and its double quant too
         start = torch.linalg.norm(W - base - layer.delta_weight())
+        # the layer as built, against what start_error says of it (computed apart, from W alone)
+        assert start.item() / torch.linalg.norm(W).item() == pytest.approx(
+            qinit.start_error(W, init, r, alpha / r, iters), rel=1e-5)
         assert start < torch.linalg.norm(W - quant.dequantize_nf4(*quant.quantize_nf4(W, 64, dq))), name
     assert model.qlora_start == dict(init=init, iters=iters)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -93,6 +99,10 @@ def test_init_qlora_builds_the_start_it_names(init, iters):
     (dict(target_modules=["qproj"]), ValueError, "matches no module"),
     (dict(init="pissa", quantize=["v_proj"]), ValueError, "not quantized"),
     (dict(r=65), ValueError, "r="),
+    (dict(init="pissa", blocksize=100), ValueError, "blocksize"),
+    (dict(init="loftq", alpha=0), ValueError, "alpha"),
+    (dict(init="pissa", double_quant="yes"), TypeError, "double_quant"),
+    (dict(init="pissa", quantize=r"model\.layers\.0\.self_attn(\.q_proj)?"), TypeError, "not an nn.Linear"),
 ])
 def test_init_qlora_refuses_and_leaves_the_model_as_it_was(kwargs, error, match):
     model = lk.tiny_llama(seed=4)
@@ -107,8 +117,32 @@ def test_init_qlora_refuses_and_leaves_the_model_as_it_was(kwargs, error, match)
 
 def test_init_qlora_refuses_a_model_with_adapters():
     model = lk.inject_lora(lk.tiny_llama(seed=4), ["q_proj"], r=4, alpha=8)
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="already has LoRA"):
         qinit.init_qlora(model, TARGETS, 4, 8, init="pissa")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == model.state_dict().keys()
+
+
+def test_init_qlora_writes_no_weight_in_place():
+    """The output head of tiny_llama shares its weight with the embedding: adapting it must leave
+    the embedding as it was (the head's LinearNF4 holds its own base)."""
+    model = lk.tiny_llama(seed=6)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    qinit.init_qlora(model, ["lm_head"], 4, 8, init="pissa", quantize=["lm_head"])
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def test_init_qlora_on_bf16_keeps_the_fp32_start_it_fitted():
+    """A bf16 model: the base quantized is the fp32 start itself, so the stored codes are the ones
+    B A was fitted to (quantizing the base after rounding it to bf16 would not be)."""
+    model = lk.tiny_llama(seed=7).to(torch.bfloat16)
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().float()
+    qinit.init_qlora(model, ["q_proj"], 4, 8, init="loftq", iters=2)
+    layer = model.model.layers[0].self_attn.q_proj
+    packed, state, A, B = loftq.loftq(W, 4, 2, scaling=2.0, double_quant=True)
+    assert torch.equal(layer.base.packed, packed) and torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B)
+    assert layer.base.weight_dtype == torch.bfloat16
 
 
 def test_pissa_refuses_bad_input():
@@ -121,7 +155,7 @@ def test_pissa_refuses_bad_input():
 
 
 @pytest.mark.parametrize("method", lk.finetune.QLORA_STARTS)
-def test_finetune_trains_the_qlora_starts_through_the_same_path(method):
+def test_finetune_prepares_the_qlora_starts(method):
     model = lk.finetune.prepare(lk.tiny_llama(seed=5), method)
     assert model.qlora_start["init"] == method.removeprefix("qlora_")
     assert sorted({n.rsplit(".", 1)[-1] for n, _ in lk.lora_layers(model)}) == sorted(lk.finetune.QKVO)
