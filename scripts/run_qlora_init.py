@@ -163,9 +163,13 @@ def summary(out, fair_out, steps):
     if cache.get("errors"):
         summarise_errors(cache["errors"])
     if cache.get("start"):
-        print(f"\nthe started models (r = 8, alpha = 16 on q, k, v, o; every other linear layer plain NF4)")
+        print(f"\nthe started models (r = 8, alpha = 16 on q, k, v, o; every other linear layer plain NF4); "
+              f"probe: 26 questions, 95% bootstrap interval over them")
+        probe = lk.data.load_probe()
         for label, row in cache["start"].items():
-            print(f"{label:<20} perplexity {row['perplexity']:6.1f}  test loss {row['test_loss']:.3f}  probe {row['probe']:.1%}")
+            lo, hi = lk.stats.bootstrap_interval([lk.data.probe_correct(row["probe_answers"], probe)])
+            print(f"{label:<20} perplexity {row['perplexity']:6.1f}  test loss {row['test_loss']:.3f}  "
+                  f"probe {row['probe']:.1%} [{lo:.1%}, {hi:.1%}]")
     runs = fair.read(fair_out)
     if runs.get("runs"):
         print(f"\ntrained, {steps} steps of 8 ({fair_out.name}); chosen rate per start: {runs['chosen_lr']}, "
