@@ -40,15 +40,21 @@ def svd_factors(M, r):
     return U[:, :r] * root, root[:, None] * Vh[:r]
 
 
+def check_weight(W, r, method):
+    """What LoftQ and PiSSA (labkit/pissa.py) both need: one weight matrix, and a rank that fits it."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"{method} works on one weight matrix; got {type(W).__name__} of shape "
+                         f"{tuple(getattr(W, 'shape', ()))}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(W.shape):
+        raise ValueError(f"rank r={r!r} must be a whole number between 1 and min{tuple(W.shape)} = {min(W.shape)}")
+
+
 def alternate(W, r, iters=1, blocksize=64, double_quant=False):
     """LoftQ's rounds on W (out, in): returns (res, packed, state, A, B), where res is the matrix the
     last round quantized (packed, state = quantize_nf4(res)); B @ A fits W minus its NF4 weight."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a whole number >= 1, got {iters!r}")
-    if W.dim() != 2:
-        raise ValueError(f"LoftQ works on one weight matrix; got a tensor of shape {tuple(W.shape)}")
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(W.shape):
-        raise ValueError(f"rank r={r!r} must be a whole number between 1 and min{tuple(W.shape)} = {min(W.shape)}")
+    check_weight(W, r, "LoftQ")
     W = W.detach().float()
     res = W
     for step in range(iters):

@@ -18,21 +18,14 @@ operations, so A, B and W_res are equal to the bit (tests/test_pissa.py). peft r
 """
 import torch
 
+from .loftq import check_weight
 from .quant import quantize_nf4
-
-
-def _check(W, r):
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"PiSSA works on one weight matrix; got {type(W).__name__} of shape "
-                         f"{tuple(getattr(W, 'shape', ()))}")
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(W.shape):
-        raise ValueError(f"rank r={r!r} must be a whole number between 1 and min{tuple(W.shape)} = {min(W.shape)}")
 
 
 def pissa(W, r, scaling=1.0):
     """PiSSA's start on one weight W (out, in): returns (A (r, in), B (out, r), W_res (out, in)), all
     float32, with W_res + scaling * B @ A equal to W up to rounding."""
-    _check(W, r)
+    check_weight(W, r, "PiSSA")
     if not scaling > 0:
         raise ValueError(f"scaling must be positive, got {scaling!r}")
     W = W.detach().float()
