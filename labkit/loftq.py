@@ -73,10 +73,15 @@ def loftq(W, r, iters=1, blocksize=64, scaling=1.0, double_quant=False):
     if not scaling > 0:
         raise ValueError(f"scaling must be positive, got {scaling!r}")
     _, packed, state, A, B = alternate(W, r, iters, blocksize, double_quant)
-    if scaling != 1.0:
-        root = math.sqrt(scaling)
-        A, B = A / root, B / root
-    return packed, state, A, B
+    return (packed, state) + split_scaling(A, B, scaling)
+
+
+def split_scaling(A, B, scaling):
+    """A and B divided by sqrt(scaling) each, so that scaling * B A is the B A that was fitted."""
+    if scaling == 1.0:
+        return A, B
+    root = math.sqrt(scaling)
+    return A / root, B / root
 
 
 def errors(W, r, iters=1, blocksize=64):

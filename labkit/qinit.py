@@ -16,10 +16,10 @@ starts); lk.finetune.checkpoint_bytes counts the adapter alone.
 import torch
 from torch import nn
 
-from .loftq import alternate
-from .lora import _check_lora_args, find_targets, inject_lora, lora_layers, lora_scaling, replace_module
+from .loftq import alternate, split_scaling
+from .lora import _check_lora_args, find_targets, inject_lora, lora_layers, lora_scaling, no_match
 from .pissa import pissa
-from .qlora import LinearNF4
+from .qlora import quantize_model, quantize_targets
 from .quant import dequantize_nf4, quantize_nf4
 
 INITS = ("zeros", "loftq", "pissa")
@@ -37,8 +37,7 @@ def start(W, init, r, scaling, iters=1, blocksize=64, double_quant=True):
         A, B, base = pissa(W, r, scaling)
         return base, A, B
     base, _, _, A, B = alternate(W, r, iters, blocksize, double_quant)
-    root = scaling ** 0.5
-    return base, A / root, B / root
+    return (base,) + split_scaling(A, B, scaling)
 
 
 def start_error(W, init, r, scaling, iters=1, blocksize=64, double_quant=True):
@@ -65,17 +64,13 @@ def init_qlora(model, target_modules, r, alpha, init="zeros", iters=1, quantize=
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     if lora_layers(model) or getattr(model, "lora_config", None) is not None:
         raise ValueError("this model already has LoRA layers: init_qlora starts from a plain model")
-    quantized = find_targets(model, quantize)
-    if not quantized:
-        raise ValueError(f"quantize={quantize!r} matches no module of this {type(model).__name__}")
-    targets = find_targets(model, target_modules)
-    if not targets:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"target_modules={target_modules!r} matches no module of this "
-                         f"{type(model).__name__}; its nn.Linear layers are named {linear}")
-    for name in quantized:
+    quantized = quantize_targets(model, quantize)
+    for name in quantized:        # stricter than quantize_model: a subclass (bitsandbytes' Linear4bit) keeps W its own way
         if type(model.get_submodule(name)) is not nn.Linear:
             raise TypeError(f"{name} is a {type(model.get_submodule(name)).__name__}, not an nn.Linear to quantize")
+    targets = find_targets(model, target_modules)
+    if not targets:
+        raise no_match(model, target_modules)
     outside = [n for n in targets if n not in set(quantized)]
     if outside and init != "zeros":
         raise ValueError(f"init={init!r} absorbs the quantization error of the layer it adapts, but these targets "
@@ -83,24 +78,14 @@ def init_qlora(model, target_modules, r, alpha, init="zeros", iters=1, quantize=
     for name in targets:
         _check_lora_args(model.get_submodule(name), r, alpha, 0.0, "kaiming")
     scaling = lora_scaling(alpha, r, use_rslora)
-    # Build every new layer first (LinearNF4 checks blocksize and the rest); the fp32 start's base is
-    # quantized as it is, so that B A fits the error of exactly the base that is stored.
-    new, starts = {}, {}
-    for name in quantized:
-        module = model.get_submodule(name)
-        if init != "zeros" and name in targets:
-            base, A, B = start(module.weight, init, r, scaling, iters, blocksize, double_quant)
-            holder = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            holder.weight = nn.Parameter(base, requires_grad=False)
-            holder.bias = module.bias
-            new[name] = LinearNF4(holder, blocksize, double_quant, compute_dtype)
-            new[name].weight_dtype = module.weight.dtype        # decoded as the other layers are
-            starts[name] = (A, B)
-        else:
-            new[name] = LinearNF4(module, blocksize, double_quant, compute_dtype)
-    for name, layer in new.items():
-        replace_module(model, name, layer)
-    model.requires_grad_(False)
+    # the fp32 start's base is quantized as it is, so that B A fits the error of exactly the base
+    # that is stored; quantize_model builds every layer (and checks blocksize) before it changes any
+    bases, starts = {}, {}
+    if init != "zeros":
+        for name in targets:
+            bases[name], *starts[name] = start(model.get_submodule(name).weight, init, r, scaling, iters,
+                                               blocksize, double_quant)
+    quantize_model(model, quantize, blocksize, double_quant, compute_dtype, bases=bases)
     inject_lora(model, target_modules, r, alpha, use_rslora=use_rslora)
     with torch.no_grad():
         for name, (A, B) in starts.items():

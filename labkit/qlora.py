@@ -120,8 +120,8 @@ class LinearNF4(nn.Module):
                 f"{self.blocksize}{dq}, compute_dtype={self.compute_dtype}")
 
 
-def quantize_model(model, targets="all-linear", blocksize=64, double_quant=True, compute_dtype=torch.float32):
-    """Replace the target nn.Linear layers (all but the output head by default) with LinearNF4, in place."""
+def quantize_targets(model, targets):
+    """The names `targets` selects, each checked to be an nn.Linear that LinearNF4 can quantize."""
     names = find_targets(model, targets)
     if not names:
         raise ValueError(f"targets={targets!r} matches no module of this {type(model).__name__}")
@@ -129,7 +129,33 @@ def quantize_model(model, targets="all-linear", blocksize=64, double_quant=True,
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-        replace_module(model, name, LinearNF4(module, blocksize, double_quant, compute_dtype))
+    return names
+
+
+def quantize_model(model, targets="all-linear", blocksize=64, double_quant=True, compute_dtype=torch.float32,
+                   bases=None):
+    """Replace the target nn.Linear layers (all but the output head by default) with LinearNF4, in place.
+    `bases` ({name: matrix}) quantizes another matrix in a layer's place (chapter 10's LoftQ and PiSSA
+    starts), as it is, decoded to the layer's own dtype. Every new layer is built before the first is
+    put in, so a refused call leaves the model as it was."""
+    names = quantize_targets(model, targets)
+    bases = bases or {}
+    unknown = sorted(set(bases) - set(names))
+    if unknown:
+        raise ValueError(f"bases names layers that targets={targets!r} does not quantize: {unknown}")
+    new = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if name in bases:
+            holder = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            holder.weight = nn.Parameter(bases[name].detach(), requires_grad=False)
+            holder.bias = module.bias
+            new[name] = LinearNF4(holder, blocksize, double_quant, compute_dtype)
+            new[name].weight_dtype = module.weight.dtype
+        else:
+            new[name] = LinearNF4(module, blocksize, double_quant, compute_dtype)
+    for name, layer in new.items():
+        replace_module(model, name, layer)
     model.requires_grad_(False)
     return model
 

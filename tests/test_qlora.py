@@ -148,6 +148,13 @@ def test_quantize_model_errors():
         lk.quantize_model(lk.tiny_llama(), ["query"])
     with pytest.raises(TypeError, match="not an nn.Linear"):
         lk.quantize_model(lk.tiny_llama(), ["mlp"])
+    model = lk.tiny_llama()                        # q_proj comes before layer 0's mlp: still nothing replaced
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        lk.quantize_model(model, ["q_proj", "mlp"])
+    assert not any(isinstance(m, lk.LinearNF4) for m in model.modules())
+    with pytest.raises(ValueError, match="does not quantize"):
+        lk.quantize_model(model, ["q_proj"], bases={"model.layers.0.mlp.up_proj": torch.zeros(128, 64)})
+    assert not any(isinstance(m, lk.LinearNF4) for m in model.modules())
 
 
 @pytest.mark.parametrize("kernel", ["emulated", "bitsandbytes"])
