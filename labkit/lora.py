@@ -154,13 +154,6 @@ def find_targets(model, target_modules):
     return [n for n in names if any(n == k or n.endswith("." + k) for k in keys)]
 
 
-def no_match(model, target_modules):
-    """The error for target_modules that select nothing, naming the linear layers there are."""
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
-    return ValueError(f"target_modules={target_modules!r} matches no module of this "
-                      f"{type(model).__name__}; its nn.Linear layers are named {linear}")
-
-
 def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", use_rslora=False):
     """Freeze `model`, then replace each target nn.Linear by a LoRALinear. Returns the model.
     A second call may add targets with the same settings (model.lora_config then lists them all);
@@ -169,7 +162,9 @@ def inject_lora(model, target_modules, r, alpha, dropout=0.0, init="kaiming", us
     earlier = _earlier_targets(model, settings, target_modules)          # [] on a first call
     targets = find_targets(model, target_modules)
     if not targets:
-        raise no_match(model, target_modules)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        raise ValueError(f"target_modules={target_modules!r} matches no module of this "
+                         f"{type(model).__name__}; its nn.Linear layers are named {linear}")
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear) or _inside_lora(name):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .loftq import alternate, split_scaling
-from .lora import _check_lora_args, find_targets, inject_lora, lora_layers, lora_scaling, no_match
+from .lora import _check_lora_args, find_targets, inject_lora, is_linear, lora_layers, lora_scaling
 from .pissa import pissa
 from .qlora import quantize_model, quantize_targets
 from .quant import dequantize_nf4, quantize_nf4
@@ -69,8 +69,10 @@ def init_qlora(model, target_modules, r, alpha, init="zeros", iters=1, quantize=
         if type(model.get_submodule(name)) is not nn.Linear:
             raise TypeError(f"{name} is a {type(model.get_submodule(name)).__name__}, not an nn.Linear to quantize")
     targets = find_targets(model, target_modules)
-    if not targets:
-        raise no_match(model, target_modules)
+    if not targets:               # inject_lora's own message, written out there where chapter 3 shows it
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        raise ValueError(f"target_modules={target_modules!r} matches no module of this "
+                         f"{type(model).__name__}; its nn.Linear layers are named {linear}")
     outside = [n for n in targets if n not in set(quantized)]
     if outside and init != "zeros":
         raise ValueError(f"init={init!r} absorbs the quantization error of the layer it adapts, but these targets "
